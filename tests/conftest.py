@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see exl2build/__init__.py
+
 import json
 import shutil
 from pathlib import Path

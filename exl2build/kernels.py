@@ -1,0 +1,288 @@
+"""The only door to the native kernels (exl2build._native).
+
+Every function checks its tensors (device, dtype, shape, contiguity) and raises ValueError
+before any kernel runs, allocates outputs with torch.empty on the input's device, then calls
+_native.cpu.<fn> or, for CUDA tensors, _native.cuda.<fn>(..., stream). kernels_ref.py is the
+plain-torch spec of each function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from exl2build import _native
+except ImportError as e:  # pragma: no cover - only when the package was never built
+    raise ImportError(
+        "exl2build._native is not built: run `pip install --no-build-isolation -e .` in the checkout"
+    ) from e
+
+BIT_WIDTHS = (2, 3, 4, 5, 6, 8)
+FUSED_MATMUL_MAX_ROWS = 32  # above this exl2_matmul is dequant + torch.matmul
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check(name: str, t, dtype=None, shape=None, device=None, dims=None) -> torch.Tensor:
+    """Raise ValueError unless t is a contiguous tensor of the given dtype/shape/device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None:
+        dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name}: expected dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-D tensor, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: on {t.device}, expected {device} like the other inputs")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: tensor on {t.device}; only cpu and cuda are supported")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous (call .contiguous() first)")
+    if t.is_cuda and not _native.built_with_cuda:
+        raise ValueError(f"{name}: is a CUDA tensor but exl2build._native was built without CUDA")
+    return t
+
+
+def _check_bits(bits) -> int:
+    if bits not in BIT_WIDTHS:
+        raise ValueError(f"bits={bits!r}: EXL2 bit widths are {BIT_WIDTHS}")
+    return int(bits)
+
+
+def _call(fn: str, device: torch.device, *args):
+    """Run _native.cpu.<fn>(*args), or _native.cuda.<fn>(*args, stream) on a CUDA device."""
+    if device.type == "cuda":
+        if not _native.built_with_cuda:
+            raise ValueError(f"{fn}: CUDA tensors given but exl2build._native was built without CUDA")
+        with torch.cuda.device(device):
+            return getattr(_native.cuda, fn)(*args, torch.cuda.current_stream(device).cuda_stream)
+    if device.type != "cpu":
+        raise ValueError(f"{fn}: tensors on {device}; only cpu and cuda are supported")
+    return getattr(_native.cpu, fn)(*args)
+
+
+def backend_info() -> dict:
+    """What the native module offers: CUDA or not, and the CPU kernels' OpenMP threads."""
+    return {"built_with_cuda": bool(_native.built_with_cuda), "cpu_threads": int(_native.cpu.num_threads())}
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [R, N] codes < 2^bits -> int32 [R*bits/32, N] (bit stream along R, low bits first)."""
+    bits = _check_bits(bits)
+    _check("codes", codes, torch.uint8, dims=2)
+    R, N = codes.shape
+    if (R * bits) % 32:
+        raise ValueError(f"codes: {R} rows of {bits} bits do not fill whole 32-bit words")
+    if not codes.is_cuda and codes.numel() and int(codes.max()) >= 1 << bits:  # (no sync on CUDA)
+        raise ValueError(f"codes: value {int(codes.max())} does not fit in {bits} bits")
+    out = torch.empty(R * bits // 32, N, dtype=torch.int32, device=codes.device)
+    _call("pack_codes", codes.device, codes.data_ptr(), out.data_ptr(), R, N, bits)
+    return out
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """int32 [W, N] -> uint8 [rows, N]; exact inverse of pack_codes."""
+    bits = _check_bits(bits)
+    _check("packed", packed, torch.int32, dims=2)
+    W, N = packed.shape
+    if rows < 0 or rows * bits > 32 * W:
+        raise ValueError(f"unpack_codes: {rows} rows of {bits} bits need more than the {W} words given")
+    out = torch.empty(rows, N, dtype=torch.uint8, device=packed.device)
+    _call("unpack_codes", packed.device, packed.data_ptr(), out.data_ptr(), rows, N, bits)
+    return out
+
+
+def pack_scales(qscale: torch.Tensor) -> torch.Tensor:
+    """uint8 [G, N] scale codes in 1..16 -> int32 [G, N/8] (code-1 at bits 4*(i%8))."""
+    _check("qscale", qscale, torch.uint8, dims=2)
+    G, N = qscale.shape
+    if N % 8:
+        raise ValueError(f"qscale: N={N} must be a multiple of 8 (pad to N_pad first)")
+    if not qscale.is_cuda and qscale.numel() and not 1 <= int(qscale.min()) <= int(qscale.max()) <= 16:
+        raise ValueError(f"qscale: scale codes must lie in 1..16, got {int(qscale.min())}..{int(qscale.max())}")
+    out = torch.empty(G, N // 8, dtype=torch.int32, device=qscale.device)
+    _call("pack_scales", qscale.device, qscale.data_ptr(), out.data_ptr(), G, N)
+    return out
+
+
+def unpack_scales(q_scale: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 [G, N/8] -> uint8 [G, n] scale codes in 1..16 (n <= 8 * q_scale.shape[1])."""
+    _check("q_scale", q_scale, torch.int32, dims=2)
+    G, NW = q_scale.shape
+    if not 0 <= n <= NW * 8:
+        raise ValueError(f"unpack_scales: n={n} exceeds the {NW * 8} columns stored")
+    out = torch.empty(G, NW * 8, dtype=torch.uint8, device=q_scale.device)
+    _call("unpack_scales", q_scale.device, q_scale.data_ptr(), out.data_ptr(), G, NW * 8)
+    return out[:, :n].contiguous() if n != NW * 8 else out
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+def quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """f32 [R, N] with f32 [N] scales -> (codes uint8 [R, N], deq f32 [R, N])."""
+    bits = _check_bits(bits)
+    _check("w", w, torch.float32, dims=2)
+    R, N = w.shape
+    _check("scale", scale, torch.float32, shape=(N,), device=w.device)
+    codes = torch.empty(R, N, dtype=torch.uint8, device=w.device)
+    deq = torch.empty(R, N, dtype=torch.float32, device=w.device)
+    _call("quantize_rows", w.device, w.data_ptr(), scale.data_ptr(), codes.data_ptr(), deq.data_ptr(), R, N, bits)
+    return codes, deq
+
+
+def group_scale_search(
+    w: torch.Tensor, bits: int, p_min: float = 0.70, p_max: float = 1.20, p_steps: int = 97, norm: float = 3.5
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Scales of one group f32 [R, N] -> (qscale uint8 [N] in 1..16, scale_max float, scale f32 [N]).
+
+    scale_max is an fp16 value; scale is the loader's fp16 scale as f32.
+    """
+    bits = _check_bits(bits)
+    _check("w", w, torch.float32, dims=2)
+    if int(p_steps) < 1 or not (0 < p_min <= p_max) or not norm > 0:
+        raise ValueError(f"group_scale_search: need p_steps >= 1, 0 < p_min <= p_max, norm > 0 "
+                         f"(got p_steps={p_steps}, p_min={p_min}, p_max={p_max}, norm={norm})")
+    R, N = w.shape
+    if R == 0 or N == 0:
+        raise ValueError(f"w: empty group of shape {tuple(w.shape)}")
+    qscale = torch.empty(N, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(N, dtype=torch.float32, device=w.device)
+    smax = torch.empty(1, dtype=torch.float32, device=w.device)
+    _call("group_scale_search", w.device, w.data_ptr(), R, N, bits, float(p_min), float(p_max), int(p_steps),
+          float(norm), qscale.data_ptr(), scale.data_ptr(), smax.data_ptr())
+    return qscale, float(smax.item()), scale
+
+
+def gptq_group(
+    w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ inside one group. w f32 [g, N] is updated in place to the dequantized rows.
+
+    hinv: f32 [g, g], the group's block of the upper Cholesky factor of H^-1 (copied to a
+    contiguous block if it is a view). Returns (codes uint8 [g, N], err f32 [g, N]).
+    """
+    bits = _check_bits(bits)
+    _check("w", w, torch.float32, dims=2)
+    g, N = w.shape
+    if not isinstance(hinv, torch.Tensor) or hinv.dtype != torch.float32 or tuple(hinv.shape) != (g, g):
+        got = f"{hinv.dtype} {tuple(hinv.shape)}" if isinstance(hinv, torch.Tensor) else type(hinv).__name__
+        raise ValueError(f"hinv: expected float32 ({g}, {g}), got {got}")
+    hinv = _check("hinv", hinv.contiguous(), device=w.device)
+    _check("scale", scale, torch.float32, shape=(N,), device=w.device)
+    codes = torch.empty(g, N, dtype=torch.uint8, device=w.device)
+    err = torch.empty(g, N, dtype=torch.float32, device=w.device)
+    _call("gptq_group", w.device, w.data_ptr(), hinv.data_ptr(), scale.data_ptr(), codes.data_ptr(),
+          err.data_ptr(), g, N, bits)
+    return codes, err
+
+
+# ----------------------------------------------------------------------------- dequant and matmul
+
+
+def _check_qtensor(qt) -> torch.device:
+    """Validate a QTensor's tensors for the kernels; returns its device."""
+    dev = qt.q_weight.device
+    n_pad = (qt.N + 31) // 32 * 32
+    _check("q_weight", qt.q_weight, torch.int32, dims=2)
+    if qt.q_weight.shape[1] != n_pad:
+        raise ValueError(f"q_weight: {qt.q_weight.shape[1]} columns, expected N_pad={n_pad} for N={qt.N}")
+    G = qt.q_scale_max.shape[0] if qt.q_scale_max.dim() == 1 else -1
+    _check("q_scale", qt.q_scale, torch.int32, shape=(G, n_pad // 8), device=dev)
+    _check("q_scale_max", qt.q_scale_max, torch.float16, shape=(G,), device=dev)
+    _check("q_groups", qt.q_groups, torch.int16, shape=(2 * G,), device=dev)
+    _check("q_invperm", qt.q_invperm, torch.int32, shape=(qt.K,), device=dev)
+    if qt.K and (int(qt.q_invperm.min()) < 0 or int(qt.q_invperm.max()) >= qt.K):
+        raise ValueError(f"q_invperm: values must lie in [0, {qt.K})")
+    groups = qt.group_rows()  # raises when q_groups do not cover K rows inside q_weight
+    if any(b not in BIT_WIDTHS for b, _, _ in groups):
+        raise ValueError(f"q_groups: bit widths {[b for b, _, _ in groups]} outside {BIT_WIDTHS}")
+    return dev
+
+
+def dequant(qt, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """QTensor -> W^T [K, N] in original row order; float16 (default) or float32."""
+    dev = _check_qtensor(qt)
+    if dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"dequant: dtype {dtype} not supported (float16 or float32)")
+    out = torch.empty(qt.K, qt.N, dtype=dtype, device=dev)
+    args = [qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(), qt.q_groups.data_ptr(),
+            qt.q_invperm.data_ptr(), out.data_ptr(), qt.K, qt.N, qt.q_weight.shape[1], qt.q_scale_max.shape[0]]
+    args.append(dtype == torch.float16)
+    _call("dequant", dev, *args)
+    return out
+
+
+def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W (x in original channel order; no bias). Same dtype as x.
+
+    Fused dequant-and-multiply for M <= 32; dequant + torch.matmul above (f32 math on CPU).
+    """
+    dev = _check_qtensor(qt)
+    _check("x", x, (torch.float16, torch.float32), dims=2, device=dev)
+    M, K = x.shape
+    if K != qt.K:
+        raise ValueError(f"x: {K} input channels, the quantized linear has K={qt.K}")
+    if M > FUSED_MATMUL_MAX_ROWS:
+        # CUDA multiplies in x's dtype; the CPU always in f32 (torch's fp16 CPU matmul is slow).
+        w = dequant(qt, x.dtype if dev.type == "cuda" else torch.float32)
+        return torch.matmul(x.to(w.dtype), w).to(x.dtype)
+    y = torch.empty(M, qt.N, dtype=x.dtype, device=dev)
+    args = [x.data_ptr(), qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),
+            qt.q_groups.data_ptr(), qt.perm.data_ptr(), y.data_ptr(), M, K, qt.N, qt.q_weight.shape[1],
+            qt.q_scale_max.shape[0]]
+    args.append(x.dtype == torch.float16)
+    if M > 0:
+        _call("exl2_matmul", dev, *args)
+    return y
+
+
+# ----------------------------------------------------------------------------- logits
+
+
+def logit_stats(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ref_idx: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+) -> dict:
+    """One pass over V per row: {'nll' f32 [T], 'argmax' int64 [T], 'kld' f32 [T] (with a ref)}.
+
+    ref_idx int32 [T, k] / ref_logp f32 [T, k]: the reference's top-k indices and log-probs;
+    KLD(ref || q) adds one tail bucket for the remaining probability.
+    """
+    _check("logits", logits, (torch.float16, torch.float32), dims=2)
+    T, V = logits.shape
+    dev = logits.device
+    _check("targets", targets, torch.int64, shape=(T,), device=dev)
+    if T and (int(targets.min()) < 0 or int(targets.max()) >= V):
+        raise ValueError(f"targets: values must lie in [0, {V}), got [{int(targets.min())}, {int(targets.max())}]")
+    if (ref_idx is None) != (ref_logp is None):
+        raise ValueError("logit_stats: give both ref_idx and ref_logp, or neither")
+    k = 0
+    if ref_idx is not None:
+        _check("ref_idx", ref_idx, torch.int32, dims=2, device=dev)
+        k = ref_idx.shape[1]
+        if ref_idx.shape[0] != T:
+            raise ValueError(f"ref_idx: {ref_idx.shape[0]} rows, logits have T={T}")
+        _check("ref_logp", ref_logp, torch.float32, shape=(T, k), device=dev)
+        if T and k and (int(ref_idx.min()) < 0 or int(ref_idx.max()) >= V):
+            raise ValueError(f"ref_idx: indices must lie in [0, {V})")
+    nll = torch.empty(T, dtype=torch.float32, device=dev)
+    argmax = torch.empty(T, dtype=torch.int64, device=dev)
+    kld = torch.empty(T, dtype=torch.float32, device=dev) if ref_idx is not None else None
+    if T and V:
+        _call("logit_stats", dev, logits.data_ptr(), logits.dtype == torch.float16, T, V, targets.data_ptr(),
+              0 if ref_idx is None else ref_idx.data_ptr(), 0 if ref_logp is None else ref_logp.data_ptr(), k,
+              nll.data_ptr(), argmax.data_ptr(), 0 if kld is None else kld.data_ptr())
+    out = {"nll": nll, "argmax": argmax}
+    if kld is not None:
+        out["kld"] = kld
+    return out
