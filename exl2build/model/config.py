@@ -1,0 +1,124 @@
+"""ModelConfig: the hyperparameters of a model directory, read from its config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exl2build.errors import InputError
+from exl2build.model.arch import ArchSpec, get_arch
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot be read as JSON ({e}). Fix or replace the file.") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object at the top level, found {type(data).__name__}.")
+    return data
+
+
+def _first_id(v: Any) -> int | None:
+    # eos_token_id may be a list (Llama-3); the first entry is the canonical one.
+    if isinstance(v, list):
+        return int(v[0]) if v else None
+    return None if v is None else int(v)
+
+
+@dataclass
+class ModelConfig:
+    arch: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    quantization_config: dict | None = None
+    path: Path | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def spec(self) -> ArchSpec:
+        return get_arch(self.arch)
+
+    @property
+    def is_exl2(self) -> bool:
+        q = self.quantization_config
+        return bool(q) and q.get("quant_method") == "exl2"
+
+    @classmethod
+    def from_dict(cls, c: dict, source: str = "config.json", path: Path | None = None) -> "ModelConfig":
+        archs = c.get("architectures") or []
+        if not archs:
+            raise InputError(
+                f"{source}: key 'architectures' is missing or empty. Add e.g. "
+                '"architectures": ["LlamaForCausalLM"] naming the model class.'
+            )
+        spec = get_arch(archs[0], source)
+
+        def need(key: str):
+            if key not in c:
+                raise InputError(f"{source}: required key {key!r} is missing for {spec.name}. Add it to the config.")
+            return c[key]
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        head_dim = c.get("head_dim") or hidden // heads
+        eos = c.get("eos_token_id")
+        eos_ids = [int(x) for x in eos] if isinstance(eos, list) else ([] if eos is None else [int(eos)])
+        cfg = cls(
+            arch=spec.name,
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            vocab_size=int(need("vocab_size")),
+            rms_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(c.get("rope_theta", 10000.0)),
+            rope_scaling=c.get("rope_scaling"),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+            bos_token_id=_first_id(c.get("bos_token_id")),
+            eos_token_id=_first_id(eos),
+            eos_token_ids=eos_ids,
+            quantization_config=c.get("quantization_config"),
+            path=path,
+            raw=c,
+        )
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise InputError(
+                f"{source}: num_attention_heads={cfg.num_heads} is not a multiple of "
+                f"num_key_value_heads={cfg.num_kv_heads}; the config is inconsistent."
+            )
+        act = c.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise InputError(f"{source}: hidden_act={act!r} is not supported (only 'silu').")
+        return cfg
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        f = path / "config.json"
+        if not f.is_file():
+            raise InputError(
+                f"{path}: no config.json found. A model directory needs the Hugging Face "
+                "config.json beside its *.safetensors files; point the recipe at the model folder."
+            )
+        return cls.from_dict(read_json(f), source=str(f), path=path)

@@ -1,0 +1,311 @@
+"""The decoder forward pass (Llama/Mistral/Qwen2): RMSNorm, RoPE, GQA attention, SwiGLU.
+
+Compute dtype is float32 on CPU and float16 on CUDA; weights rest in fp16. Norms and
+rotary tables are computed in fp32 and cast, as the reference implementation does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exl2build.errors import InputError
+from exl2build.model.config import ModelConfig
+from exl2build.model.linear import Linear
+
+
+def compute_dtype_for(device: torch.device | str) -> torch.dtype:
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.to(torch.float16), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(x.dtype)
+
+
+# ---------------------------------------------------------------- rotary embeddings
+
+
+def _rope_inv_freq(cfg: ModelConfig, dim: int, base: float) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the attention factor for cfg.rope_scaling (None/linear/llama3/yarn)."""
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default")) if rs else "default"
+    if kind in (None, "default"):
+        return inv, 1.0
+    factor = float(rs.get("factor", 1.0))
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "llama3":
+        old = float(rs.get("original_max_position_embeddings", 8192))
+        lo, hi = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+        wavelen = 2 * math.pi / inv
+        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        scaled = (1 - smooth) * inv / factor + smooth * inv
+        return torch.where(wavelen > old / lo, inv / factor, torch.where(wavelen < old / hi, inv, scaled)), 1.0
+    if kind == "yarn":
+        old = float(rs.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+        beta_fast, beta_slow = float(rs.get("beta_fast", 32)), float(rs.get("beta_slow", 1))
+
+        def mscale(s: float, m: float = 1.0) -> float:
+            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+        attn = rs.get("attention_factor")
+        if attn is None:
+            if rs.get("mscale") and rs.get("mscale_all_dim"):
+                attn = mscale(factor, rs["mscale"]) / mscale(factor, rs["mscale_all_dim"])
+            else:
+                attn = mscale(factor)
+
+        def corr_dim(rot: float) -> float:
+            return dim * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(corr_dim(beta_fast)), 0)
+        high = min(math.ceil(corr_dim(beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrap = 1 - ramp  # 1 keeps the original (extrapolated) frequency
+        return (inv / factor) * (1 - extrap) + inv * extrap, float(attn)
+    raise InputError(
+        f"config.json: rope_scaling type {kind!r} is not supported. Supported: linear, llama3, yarn "
+        "(or none). Remove rope_scaling or use a model with a supported scaling."
+    )
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE (rotate-half convention), grown on demand.
+
+    `scale` divides positions (linear RoPE scaling on top of the config), `alpha` applies
+    NTK-aware base scaling: base * alpha^(d/(d-2)). Both default to off.
+    """
+
+    def __init__(self, cfg: ModelConfig, device="cpu", scale: float = 1.0, alpha: float = 1.0):
+        super().__init__()
+        dim = cfg.head_dim
+        base = cfg.rope_theta * (alpha ** (dim / (dim - 2)) if alpha != 1.0 else 1.0)
+        inv, self.attention_factor = _rope_inv_freq(cfg, dim, base)
+        self.register_buffer("inv_freq", (inv / scale).to(device), persistent=False)
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+
+    def _grow(self, n: int) -> None:
+        n = max(n, 256, 2 * (0 if self._cos is None else self._cos.shape[0]))
+        t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.float())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos = emb.cos() * self.attention_factor
+        self._sin = emb.sin() * self.attention_factor
+
+    def cos_sin(self, pos, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, D] for an int start position (a view of the table) or a LongTensor [T] of positions."""
+        ref = self.inv_freq
+        if isinstance(pos, torch.Tensor):
+            need = int(pos.max()) + 1 if pos.numel() else 1
+        else:
+            need = int(pos) + T
+        if self._cos is None or self._cos.shape[0] < need or self._cos.device != ref.device:
+            self._grow(need)
+        if isinstance(pos, torch.Tensor):
+            cos, sin = self._cos[pos.to(ref.device)], self._sin[pos.to(ref.device)]
+        else:
+            cos, sin = self._cos[int(pos) : int(pos) + T], self._sin[int(pos) : int(pos) + T]
+        return cos.to(dtype), sin.to(dtype)
+
+    def gather(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for device positions, without a host sync; call `ensure(n)` beforehand."""
+        return self._cos.index_select(0, pos).to(dtype), self._sin.index_select(0, pos).to(dtype)
+
+    def ensure(self, n: int) -> None:
+        if self._cos is None or self._cos.shape[0] < n or self._cos.device != self.inv_freq.device:
+            self._grow(n)
+
+    def _apply(self, fn, recurse=True):
+        self._cos = self._sin = None
+        return super()._apply(fn, recurse)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [T, D]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys/values per layer, [B, Hkv, max_len, D]; all rows share one length."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype: torch.dtype):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.length = 0  # tokens already stored; advanced by Model.forward after all layers
+        # Static mode (CUDA graph decode): positions live on the device and attention runs over
+        # the whole buffer with a mask, so one captured step serves every position.
+        self.pos_t: torch.Tensor | None = None  # LongTensor [T] of the positions being written
+        self.mask: torch.Tensor | None = None  # bool [T, max_len], set by Model.hidden
+        self._arange: torch.Tensor | None = None
+
+    def static_mask(self) -> torch.Tensor:
+        if self._arange is None or self._arange.device != self.pos_t.device:
+            self._arange = torch.arange(self.max_len, device=self.pos_t.device)
+        return self._arange[None, :] <= self.pos_t[:, None]
+
+    def store_static(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.pos_t, k)
+        self.v[layer].index_copy_(2, self.pos_t, v)
+        return self.k[layer], self.v[layer]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, T = self.length, k.shape[2]
+        if start + T > self.max_len:
+            raise ValueError(f"KVCache overflow: {start} + {T} tokens > max_len {self.max_len}")
+        self.k[layer][:, :, start : start + T] = k
+        self.v[layer][:, :, start : start + T] = v
+        return self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]
+
+
+# ---------------------------------------------------------------- blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear,
+                 rotary: RotaryEmbedding, layer_idx: int):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.layer_idx = layer_idx
+        # A plain attribute (not a submodule) so one table is shared by every layer.
+        self.__dict__["rotary"] = rotary
+
+    def forward(self, x: torch.Tensor, pos=0, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        gqa = self.num_heads != self.num_kv_heads
+        if cache is not None and cache.pos_t is not None:
+            # Static mode: no host syncs, fixed shapes (see KVCache).
+            cos, sin = self.rotary.gather(cache.pos_t, x.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k, v = cache.store_static(self.layer_idx, k, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        # `pos` is an int start position or a LongTensor [T] of absolute positions.
+        cos, sin = self.rotary.cos_sin(cache.length if cache is not None else pos, T, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.store(self.layer_idx, k, v)
+        if past == 0:
+            # Square causal mask; SDPA aligns is_causal top-left, so only valid without history.
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        elif T == 1:
+            o = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        else:
+            # Query i sits at absolute position past+i and may see keys 0..past+i.
+            qi = torch.arange(T, device=x.device)[:, None] + past
+            kj = torch.arange(past + T, device=x.device)[None, :]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=kj <= qi, enable_gqa=gqa)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, gate_proj: Linear, up_proj: Linear, down_proj: Linear):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, self_attn: Attention, mlp: MLP, input_layernorm: RMSNorm, post_attention_layernorm: RMSNorm):
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+
+    def attn_block(self, x: torch.Tensor, pos=0, cache: KVCache | None = None) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), pos, cache)
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x: torch.Tensor, pos=0, cache: KVCache | None = None) -> torch.Tensor:
+        return self.mlp_block(self.attn_block(x, pos, cache))
+
+
+class Embedding(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.to(torch.float16), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(dtype)
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, embed_tokens: Embedding, layers: list[DecoderLayer], norm: RMSNorm,
+                 head: Linear, rotary: RotaryEmbedding):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.head = head
+        self.rotary = rotary
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype_for(self.device)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, self.device, self.compute_dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids.to(self.device), self.compute_dtype)
+
+    @torch.no_grad()
+    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, hidden] (or [T, hidden] for 1-D ids)."""
+        squeeze = ids.dim() == 1
+        if squeeze:
+            ids = ids[None]
+        x = self.embed(ids)
+        pos = 0 if cache is None else cache.length
+        static = cache is not None and cache.pos_t is not None
+        if static:
+            cache.mask = cache.static_mask()
+        for layer in self.layers:
+            x = layer(x, pos, cache)
+        if cache is not None and not static:  # in static mode the caller advances the length
+            cache.length += ids.shape[1]
+        x = self.norm(x)
+        return x[0] if squeeze else x
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits in the compute dtype, [B, T, vocab] (or [T, vocab] for 1-D ids)."""
+        return self.head(self.hidden(ids, cache))

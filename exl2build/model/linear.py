@@ -1,0 +1,110 @@
+"""Linear layers: an FP16 one and an EXL2 quantized one behind one small interface.
+
+`observe` is the quantizer's hook: when set, it receives the 2-D input [tokens, K] of every
+forward call before the product (to accumulate the Hessian X^T X).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x W^T + b over the last dim; K inputs, N outputs."""
+
+    def __init__(self, K: int, N: int):
+        super().__init__()
+        self.K = K
+        self.N = N
+        self.observe = None
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.K)
+        if self.observe is not None:
+            self.observe(x2)
+        return self._product(x2).reshape(*lead, self.N)
+
+
+class FP16Linear(Linear):
+    """Weight stored [N, K] in fp16; computes in the input's dtype (fp32 on CPU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        N, K = weight.shape
+        super().__init__(K, N)
+        self.weight = nn.Parameter(weight.to(torch.float16), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(torch.float16), requires_grad=False)
+        self._cast: tuple[torch.dtype, torch.Tensor, torch.Tensor | None] | None = None
+
+    def _weights_as(self, dtype: torch.dtype):
+        # On CPU we compute in fp32; converting 2 bytes/weight on every call would dominate,
+        # so keep one converted copy (dropped by `release_cache`).
+        if dtype == self.weight.dtype:
+            return self.weight, self.bias
+        c = self._cast
+        if c is None or c[0] != dtype or c[1].device != self.weight.device:
+            b = None if self.bias is None else self.bias.to(dtype)
+            c = (dtype, self.weight.to(dtype), b)
+            self._cast = c
+        return c[1], c[2]
+
+    def release_cache(self) -> None:
+        self._cast = None
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        w, b = self._weights_as(x2.dtype)
+        return torch.nn.functional.linear(x2, w, b)
+
+    def _apply(self, fn, recurse=True):
+        self._cast = None
+        return super()._apply(fn, recurse)
+
+
+class EXL2Linear(Linear):
+    """A quantized linear; the product goes through kernels.exl2_matmul.
+
+    On CPU, prefill-sized inputs (M > 32) use a cached dequantized weight instead: evaluation
+    is prefill-heavy and dequantizing per call would cost more than the matmul.
+    """
+
+    FUSED_MAX_M = 32
+
+    def __init__(self, qtensor):
+        super().__init__(qtensor.K, qtensor.N)
+        self.qtensor = qtensor
+        self.bias = None if qtensor.bias is None else qtensor.bias
+        self._deq: torch.Tensor | None = None
+
+    def release_cache(self) -> None:
+        self._deq = None
+
+    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._deq is None or self._deq.dtype != dtype:
+            from exl2build import kernels
+
+            self._deq = kernels.dequant(self.qtensor).to(dtype)  # [K, N], original row order
+        return self._deq
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        from exl2build import kernels
+
+        if x2.device.type == "cpu" and x2.shape[0] > self.FUSED_MAX_M:
+            y = x2 @ self._dequantized(x2.dtype)
+        else:
+            y = kernels.exl2_matmul(x2.contiguous(), self.qtensor)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def _apply(self, fn, recurse=True):
+        # QTensor is not an nn.Module; move it by probing where `fn` sends a tensor.
+        probe = fn(torch.empty(0, device=self.qtensor.q_weight.device))
+        if probe.device != self.qtensor.q_weight.device:
+            self.qtensor = self.qtensor.to(probe.device)
+            self.bias = self.qtensor.bias
+            self._deq = None
+        return super()._apply(fn, recurse)

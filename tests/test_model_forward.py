@@ -1,0 +1,200 @@
+"""Forward pass against transformers, KV-cache consistency, loader errors, generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_tiny_llama
+from exl2build.errors import InputError
+from exl2build.model.config import ModelConfig
+from exl2build.model.forward import RotaryEmbedding
+from exl2build.model.generate import generate
+from exl2build.model.load import load_embedding, load_final_norm, load_head, load_layer, load_model
+from exl2build.model.weights import WeightStore
+
+
+def _ids(B=2, T=19, vocab=32000, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_logits(path, arch, ids):
+    import transformers
+
+    cls = getattr(transformers, arch)
+    ref = cls.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ref(ids).logits
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(arch="LlamaForCausalLM"),
+        dict(arch="LlamaForCausalLM", tie=True, heads=4, kv_heads=4),
+        dict(arch="Qwen2ForCausalLM", qkv_bias=True, tie=True),
+        dict(arch="MistralForCausalLM", heads=8, kv_heads=2),
+    ],
+)
+def test_forward_matches_transformers(tmp_path, kw):
+    d = make_tiny_llama(tmp_path / "m", **kw)
+    if kw["arch"] != "LlamaForCausalLM":  # these HF configs need a few more keys
+        c = json.loads((d / "config.json").read_text())
+        c.update(sliding_window=None, use_sliding_window=False)
+        (d / "config.json").write_text(json.dumps(c))
+    model, cfg = load_model(d)
+    ids = _ids()
+    ours = model(ids)
+    assert ours.dtype == torch.float32 and ours.shape == (2, 19, 32000)
+    ref = _hf_logits(d, kw["arch"], ids)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    # hidden() + head equals forward (evaluation computes logits in chunks from hidden)
+    torch.testing.assert_close(model.head(model.hidden(ids)), ours)
+
+
+def test_kv_cache_matches_full_forward(tiny_llama):
+    model, _ = load_model(tiny_llama)
+    ids = _ids(T=24)
+    full = model(ids)
+    cache = model.new_cache(2, 32)
+    parts = [model(ids[:, a:b], cache) for a, b in ((0, 7), (7, 12), (12, 13), (13, 24))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+    assert cache.length == 24
+
+
+def test_greedy_generation_equals_full_forward_argmax(tiny_llama):
+    model, _ = load_model(tiny_llama)
+    prompt = _ids(B=1, T=5)[0].tolist()
+    res = generate(model, None, prompt, max_new_tokens=12)
+    assert res.new_tokens == 12 and res.ids[:5] == prompt
+    # Each generated token is the argmax of a full (cache-free) forward over everything before it.
+    full = model(torch.tensor(res.ids[:-1]))
+    assert full[4:].argmax(-1).tolist() == res.new_ids
+    assert res.prefill_s > 0 and res.decode_s > 0
+
+
+def test_sampling_is_seeded(tiny_llama):
+    model, _ = load_model(tiny_llama)
+    a = generate(model, None, [1, 2, 3], 8, temperature=1.0, top_p=0.9, seed=3)
+    b = generate(model, None, [1, 2, 3], 8, temperature=1.0, top_p=0.9, seed=3)
+    c = generate(model, None, [1, 2, 3], 8, temperature=1.0, top_p=0.9, seed=4)
+    assert a.ids == b.ids and a.ids != c.ids
+
+
+def test_streaming_pieces_rebuild_the_model(tiny_llama):
+    model, cfg = load_model(tiny_llama)
+    store = WeightStore(tiny_llama)
+    ids = _ids(B=1, T=9)
+    x = load_embedding(store, cfg).forward(ids, torch.float32)
+    for i in range(cfg.num_layers):
+        layer = load_layer(store, cfg, i)
+        x = layer.mlp_block(layer.attn_block(x, 0))
+    logits = load_head(store, cfg)(load_final_norm(store, cfg)(x))
+    torch.testing.assert_close(logits, model(ids))
+
+
+def test_observe_hook_sees_linear_inputs(tiny_llama):
+    model, cfg = load_model(tiny_llama)
+    seen = []
+    model.layers[0].self_attn.q_proj.observe = lambda x: seen.append(x.shape)
+    model(_ids(B=2, T=6))
+    assert seen == [torch.Size([12, cfg.hidden_size])]
+
+
+def test_rope_scaling_variants(tiny_llama):
+    cfg = ModelConfig.from_dir(tiny_llama)
+    base = RotaryEmbedding(cfg).inv_freq
+    cfg.rope_scaling = {"type": "linear", "factor": 4.0}
+    torch.testing.assert_close(RotaryEmbedding(cfg).inv_freq, base / 4)
+    cfg.rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 64}
+    f = RotaryEmbedding(cfg).inv_freq
+    assert f[0] == base[0] and torch.isclose(f[-1], base[-1] / 8)
+    cfg.rope_scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+    r = RotaryEmbedding(cfg)
+    assert r.attention_factor > 1 and torch.isclose(r.inv_freq[-1], base[-1] / 4)
+    cfg.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
+    with pytest.raises(InputError, match="dynamic"):
+        RotaryEmbedding(cfg)
+
+
+def test_missing_config_is_input_error(tmp_path):
+    with pytest.raises(InputError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_unknown_architecture_lists_supported(tiny_llama):
+    c = json.loads((tiny_llama / "config.json").read_text())
+    c["architectures"] = ["GPTNeoXForCausalLM"]
+    (tiny_llama / "config.json").write_text(json.dumps(c))
+    with pytest.raises(InputError, match="LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"):
+        load_model(tiny_llama)
+
+
+def test_missing_tensor_names_tensor_and_files(tiny_llama):
+    t = load_file(tiny_llama / "model.safetensors")
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, tiny_llama / "model.safetensors")
+    with pytest.raises(InputError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*model\.safetensors"):
+        load_model(tiny_llama)
+
+
+def test_shape_mismatch_is_input_error(tiny_llama):
+    c = json.loads((tiny_llama / "config.json").read_text())
+    c["intermediate_size"] = 200
+    (tiny_llama / "config.json").write_text(json.dumps(c))
+    with pytest.raises(InputError, match="gate_proj.*shape"):
+        load_model(tiny_llama)
+
+
+def test_unsupported_quant_method(tiny_llama):
+    c = json.loads((tiny_llama / "config.json").read_text())
+    c["quantization_config"] = {"quant_method": "gptq"}
+    (tiny_llama / "config.json").write_text(json.dumps(c))
+    with pytest.raises(InputError, match="gptq"):
+        load_model(tiny_llama)
+
+
+def test_sharded_weights_with_and_without_index(tiny_llama):
+    ref, _ = load_model(tiny_llama)
+    t = load_file(tiny_llama / "model.safetensors")
+    (tiny_llama / "model.safetensors").unlink()
+    names = sorted(t)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for f, ks in shards.items():
+        save_file({k: t[k] for k in ks}, tiny_llama / f)
+    ids = _ids(B=1, T=8)
+    torch.testing.assert_close(load_model(tiny_llama)[0](ids), ref(ids))
+    wm = {k: f for f, ks in shards.items() for k in ks}
+    (tiny_llama / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    torch.testing.assert_close(load_model(tiny_llama)[0](ids), ref(ids))
+
+
+def test_positions_as_offset_or_tensor(tiny_llama):
+    model, cfg = load_model(tiny_llama)
+    x = model.embed(_ids(B=1, T=6))
+    layer = model.layers[0]
+    torch.testing.assert_close(layer.attn_block(x, 3), layer.attn_block(x, torch.arange(3, 9)))
+    assert not torch.allclose(layer.attn_block(x, 0), layer.attn_block(x, 3))
+
+
+def test_static_cache_mode_matches_eager(tiny_llama):
+    """The CUDA-graph decode path (device positions, masked full-buffer attention) on CPU."""
+    model, _ = load_model(tiny_llama)
+    ids = _ids(B=2, T=12)
+    eager = model.new_cache(2, 16)
+    static = model.new_cache(2, 16)
+    model(ids[:, :9], eager)
+    model(ids[:, :9], static)
+    model.rotary.ensure(16)
+    for i in range(9, 12):
+        want = model(ids[:, i : i + 1], eager)
+        static.pos_t = torch.tensor([static.length])
+        got = model(ids[:, i : i + 1], static)
+        static.pos_t = None
+        static.length += 1
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
