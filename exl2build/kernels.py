@@ -187,8 +187,28 @@ def gptq_group(
 # ----------------------------------------------------------------------------- dequant and matmul
 
 
+def _qtensor_identity(qt) -> tuple:
+    """What a QTensor's validity depends on: its tensors' storage and in-place versions."""
+    ts = (qt.q_weight, qt.q_scale, qt.q_scale_max, qt.q_groups, qt.q_invperm)
+    return (qt.K, qt.N) + tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in ts)
+
+
 def _check_qtensor(qt) -> torch.device:
-    """Validate a QTensor's tensors for the kernels; returns its device."""
+    """Validate a QTensor's tensors for the kernels; returns its device.
+
+    The value checks read q_invperm and q_groups back to the host, which would stall
+    every decode step and break CUDA-graph capture, so a QTensor is validated once and
+    re-validated only when one of its tensors is replaced or modified in place.
+    """
+    ident = _qtensor_identity(qt)
+    if getattr(qt, "_validated", None) == ident:
+        return qt.q_weight.device
+    dev = _validate_qtensor(qt)
+    object.__setattr__(qt, "_validated", ident)
+    return dev
+
+
+def _validate_qtensor(qt) -> torch.device:
     dev = qt.q_weight.device
     n_pad = (qt.N + 31) // 32 * 32
     _check("q_weight", qt.q_weight, torch.int32, dims=2)
