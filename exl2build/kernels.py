@@ -190,7 +190,12 @@ def gptq_group(
 def _qtensor_identity(qt) -> tuple:
     """What a QTensor's validity depends on: its tensors' storage and in-place versions."""
     ts = (qt.q_weight, qt.q_scale, qt.q_scale_max, qt.q_groups, qt.q_invperm)
-    return (qt.K, qt.N) + tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in ts)
+    return (qt.K, qt.N) + tuple((t.data_ptr(), _version_of(t), tuple(t.shape)) for t in ts)
+
+
+def _version_of(t: torch.Tensor) -> int:
+    # Inference-mode tensors keep no version counter; they count as never modified.
+    return -1 if t.is_inference() else t._version
 
 
 def _check_qtensor(qt) -> torch.device:
