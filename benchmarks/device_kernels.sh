@@ -1,0 +1,50 @@
+#!/bin/bash
+# One device call: build + install the checkout with CUDA (sm_90), run the CUDA kernel tests,
+# the kernel benchmarks, and compute-sanitizer over a pass through every kernel.
+# Logs land in $OUT (build.log, pytest.log, bench.log, bench.md, bench.json, sanitize.log).
+# Usage on the device machine, from the repository root: bash benchmarks/device_kernels.sh [--quick]
+# (SKIP_SANITIZER=1 skips the compute-sanitizer passes).
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/exl2build-out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+cd "$REPO"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/gpu.txt" 2>&1; cat "$OUT/gpu.txt"
+
+echo "== build $(date -u +%T)"
+t0=$(date +%s)
+EXL2BUILD_CUDA=ON EXL2BUILD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+  timeout 300 $PY -m pip install --no-build-isolation --no-deps --no-cache-dir . > "$OUT/build.log" 2>&1
+rc=$?
+echo "build rc=$rc in $(( $(date +%s) - t0 )) s"
+if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit 1; fi
+
+# Run from outside the checkout so `import exl2build` finds the installed package.
+cd /tmp
+$PY -c "import exl2build._native as n; print('built_with_cuda', n.built_with_cuda, 'SMs', n.cuda.device_sm_count())"
+
+echo "== pytest $(date -u +%T)"
+timeout 240 $PY -m pytest "$REPO/tests/test_kernels_cuda.py" -q -n 16 -p no:cacheprovider --rootdir "$REPO" \
+  > "$OUT/pytest.log" 2>&1
+echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
+
+echo "== bench $(date -u +%T)"
+timeout 300 $PY "$REPO/benchmarks/kernels.py" "$@" --out "$OUT/bench.md" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+echo "bench rc=$?"; grep -v "^|" "$OUT/bench.log" | head -80
+
+echo "== ncu $(date -u +%T)"
+timeout 120 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+  --section LaunchStats --section SchedulerStats --section SourceCounters -k regex:exl2_matmul -c 1 \
+  $PY "$REPO/benchmarks/kernels.py" --profile > "$OUT/ncu.log" 2>&1
+echo "ncu rc=$?"; grep -E "exl2_matmul_kernel|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|No Eligible|Warp Cycles Per Issued|stall|Stall" "$OUT/ncu.log" | head -40
+
+echo "== compute-sanitizer $(date -u +%T)"
+[ -n "${SKIP_SANITIZER:-}" ] && { echo "skipped (SKIP_SANITIZER set)"; exit 0; }
+for tool in memcheck racecheck; do
+  timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 $PY "$REPO/benchmarks/kernels.py" --sanitize \
+    > "$OUT/sanitize_$tool.log" 2>&1
+  echo "sanitizer $tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize pass|Error|error" "$OUT/sanitize_$tool.log" | head -8
+done
+echo "== done $(date -u +%T)"

@@ -1,0 +1,427 @@
+"""Kernel benchmarks on one CUDA GPU: the card's ceilings, then the EXL2 kernels.
+
+Measures, in one run:
+  * ceilings: device-to-device copy bandwidth (bytes read + written) and fp16 matmul
+    TFLOP/s through torch (cuBLAS);
+  * exl2_matmul at 2.5 / 4.0 / 6.0 bpw on (K, N) = 4096x4096, 4096x14336, 14336x4096,
+    8192x28672 for M = 1, 8, 32 (fused kernel) and M = 2048 (dequant + torch.matmul), beside
+    the plain fp16 torch.matmul of the same shape; achieved bandwidth = bytes of the packed
+    weights (q_weight + q_scale) / time, and its ratio to the copy bandwidth;
+  * a launch-shape sweep of the fused kernel (columns per thread, K splits) at M = 1;
+  * gptq_group (groups of 128 rows) and group_scale_search over whole linears of K rows;
+  * logit_stats over [2048, 128256] f16 logits.
+
+Timing: CUDA events around CUDA-graph replays of many launches (so host launch overhead is
+out), median over repeats; the weights rotate among enough copies to exceed the L2 cache.
+
+Usage: python benchmarks/kernels.py [--quick] [--out RESULTS_FRAGMENT.md] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+
+import torch
+
+from exl2build import _native
+from exl2build.format.exl2 import QTensor
+
+C = _native.cuda
+L2_BYTES = 60 << 20
+
+
+def stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def time_graph(fn, inner: int, repeats: int = 15) -> float:
+    """Median seconds of one fn() call, from CUDA-graph replays of `inner` calls."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / inner)
+    return statistics.median(times)
+
+
+def time_events(fn, iters: int = 20) -> float:
+    """Median seconds per call, events around each call (for work too large to graph)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- ceilings
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30  # 1 GiB
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    t = time_events(lambda: dst.copy_(src), iters=30)
+    return 2 * n / t
+
+
+def fp16_matmul_tflops() -> float:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    c = torch.empty(n, n, device="cuda", dtype=torch.float16)
+    t = time_events(lambda: torch.matmul(a, b, out=c), iters=20)
+    return 2 * n**3 / t / 1e12
+
+
+# ----------------------------------------------------------------------------- matmul
+
+
+LAYOUTS = {  # bpw -> [(bits, fraction of K)], group size 128
+    2.5: [(3, 0.5), (2, 0.5)],
+    4.0: [(4, 1.0)],
+    6.0: [(6, 1.0)],
+}
+
+
+def random_qtensor(K: int, N: int, bpw: float, seed: int) -> QTensor:
+    """Random but valid packed tensors (every bit pattern is a valid code)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    n_pad = (N + 31) // 32 * 32
+    groups = []
+    for bits, frac in LAYOUTS[bpw]:
+        rows = int(round(K * frac / 128)) * 128
+        groups += [bits] * (rows // 128)
+    while len(groups) * 128 < K:
+        groups.append(LAYOUTS[bpw][-1][0])
+    groups = groups[: K // 128]
+    qg, word = [], 0
+    for b in groups:
+        qg += [b, word]
+        word += 128 * b // 32
+    q_weight = torch.randint(-(2**31), 2**31 - 1, (word, n_pad), generator=g, device="cuda", dtype=torch.int64).to(torch.int32)
+    G = len(groups)
+    q_scale = torch.randint(-(2**31), 2**31 - 1, (G, n_pad // 8), generator=g, device="cuda", dtype=torch.int64).to(torch.int32)
+    q_scale_max = (torch.rand(G, generator=g, device="cuda") * 0.01 + 0.005).half()
+    q_groups = torch.tensor(qg, dtype=torch.int16, device="cuda")
+    invperm = torch.argsort(torch.rand(K, generator=g, device="cuda")).to(torch.int32)
+    return QTensor(q_weight, q_scale, q_scale_max, q_groups, invperm, None, K, N)
+
+
+def weight_bytes(qt: QTensor) -> int:
+    return qt.q_weight.numel() * 4 + qt.q_scale.numel() * 4
+
+
+def matmul_args(x, qt, y):
+    return [x.data_ptr(), qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),
+            qt.q_groups.data_ptr(), qt.perm.data_ptr(), y.data_ptr(), x.shape[0], qt.K, qt.N,
+            qt.q_weight.shape[1], qt.q_scale_max.shape[0], True]
+
+
+def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
+    qt0 = random_qtensor(K, N, bpw, seed=K + N)
+    wb = weight_bytes(qt0)
+    n_copies = max(2, math.ceil(2 * L2_BYTES / wb))
+    qts = [qt0] + [random_qtensor(K, N, bpw, seed=K + N + i) for i in range(1, n_copies)]
+    for qt in qts:
+        qt.perm  # cache the permutation outside the timed region
+    for M in Ms:
+        x = (torch.randn(M, K, device="cuda") * 0.5).half()
+        y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+        if M <= 32:
+            argsets = [matmul_args(x, qt, y) for qt in qts]
+            it = [0]
+
+            def fn():
+                C.exl2_matmul(*argsets[it[0] % len(argsets)], stream())
+                it[0] += 1
+
+            inner = 4 * len(argsets) if not quick else len(argsets)
+            t = time_graph(fn, inner)
+        else:
+            ws = [torch.empty(K, N, device="cuda", dtype=torch.float16) for _ in range(1)]
+            it = [0]
+
+            def fn():
+                qt = qts[it[0] % len(qts)]
+                it[0] += 1
+                C.dequant(qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),
+                          qt.q_groups.data_ptr(), qt.q_invperm.data_ptr(), ws[0].data_ptr(), K, N,
+                          qt.q_weight.shape[1], qt.q_scale_max.shape[0], True, stream())
+                torch.matmul(x, ws[0], out=y)
+
+            t = time_events(fn, iters=10 if quick else 20)
+        # fp16 cuBLAS baseline of the same product, also graph-timed over two weight copies
+        w16s = [torch.randn(K, N, device="cuda", dtype=torch.float16) for _ in range(2)]
+        yb = torch.empty(M, N, device="cuda", dtype=torch.float16)
+        jt = [0]
+
+        def fb():
+            torch.matmul(x, w16s[jt[0] % 2], out=yb)
+            jt[0] += 1
+
+        tb = time_graph(fb, 8 if M <= 32 else 2, repeats=7)
+        del w16s
+        bw = wb / t
+        rows.append({
+            "K": K, "N": N, "bpw": bpw, "M": M, "us": t * 1e6, "GBps": bw / 1e9, "copy_ratio": bw / copy_bw,
+            "TFLOPs": 2 * M * K * N / t / 1e12, "fp16_us": tb * 1e6, "weight_MB": wb / 1e6,
+            "path": "fused" if M <= 32 else "dequant+cuBLAS",
+        })
+        r = rows[-1]
+        print(f"{K:>6}x{N:<6} {bpw:>4} bpw M={M:<5} {r['us']:9.1f} us  {r['GBps']:7.0f} GB/s  "
+              f"{100 * r['copy_ratio']:5.1f}% of copy  {r['TFLOPs']:7.2f} TFLOP/s  fp16 cuBLAS {r['fp16_us']:9.1f} us",
+              flush=True)
+    del qts
+
+
+def sweep_launch_shapes(copy_bw, rows):
+    for (K, N) in [(4096, 14336), (14336, 4096), (4096, 4096)]:
+        qts = [random_qtensor(K, N, 4.0, seed=77 + i) for i in range(max(2, math.ceil(2 * L2_BYTES / (K * N / 2))))]
+        x = (torch.randn(1, K, device="cuda") * 0.5).half()
+        y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+        argsets = [matmul_args(x, qt, y) for qt in qts]
+        wb = weight_bytes(qts[0])
+        for flags in (0, 1, 2, 4):
+            for cpt in (1, 2):
+                for ks in (1, 2, 4, 8):
+                    it = [0]
+
+                    def fn():
+                        C.exl2_matmul_cfg(*argsets[it[0] % len(argsets)], stream(), cpt, ks, flags)
+                        it[0] += 1
+
+                    t = time_graph(fn, 4 * len(argsets))
+                    rows.append({"K": K, "N": N, "cpt": cpt, "ks": ks, "flags": flags, "us": t * 1e6,
+                                 "copy_ratio": wb / t / copy_bw})
+                    print(f"sweep {K}x{N} M=1 4.0bpw flags={flags} cpt={cpt} ks={ks}: {t * 1e6:7.1f} us  "
+                          f"{100 * wb / t / copy_bw:5.1f}% of copy", flush=True)
+        del qts
+
+
+# ----------------------------------------------------------------------------- gptq, scales
+
+
+def bench_gptq(rows, quick):
+    from exl2build import kernels
+
+    for K, N in [(4096, 14336), (14336, 4096)]:
+        gs = 128
+        W = torch.randn(K, N, device="cuda") * 0.02
+        # An SPD H^-1 Cholesky factor stand-in: upper triangular with a dominant diagonal.
+        hinv = torch.triu(torch.randn(K, K, device="cuda") * 0.01) + torch.eye(K, device="cuda")
+        scale = torch.full((N,), 0.002, device="cuda")
+        ngroups = K // gs if not quick else 4
+        codes = torch.empty(gs, N, dtype=torch.uint8, device="cuda")
+        err = torch.empty(gs, N, dtype=torch.float32, device="cuda")
+        hblocks = [hinv[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs].contiguous() for i in range(ngroups)]
+
+        def run_kernel_only():
+            for i in range(ngroups):
+                wg = W[i * gs:(i + 1) * gs]
+                C.gptq_group(wg.data_ptr(), hblocks[i].data_ptr(), scale.data_ptr(), codes.data_ptr(),
+                             err.data_ptr(), gs, N, 4, stream())
+
+        def run_full():
+            for i in range(ngroups):
+                s, e = i * gs, (i + 1) * gs
+                wg = W[s:e]
+                gq = kernels.group_scale_search(wg, 4)
+                C.gptq_group(wg.data_ptr(), hblocks[i].data_ptr(), gq[2].data_ptr(), codes.data_ptr(),
+                             err.data_ptr(), gs, N, 4, stream())
+                if e < K:
+                    W[e:] -= hinv[s:e, e:].T @ err
+
+        t_k = time_events(run_kernel_only, iters=3)
+        t_f = time_events(run_full, iters=2)
+        wg = W[:gs].contiguous()
+        t_s = time_events(lambda: kernels.group_scale_search(wg, 4), iters=10)
+        r = {"K": K, "N": N, "groups": ngroups, "gptq_rows_per_s": ngroups * gs / t_k,
+             "full_rows_per_s": ngroups * gs / t_f, "scale_search_ms": t_s * 1e3, "gptq_group_ms": t_k / ngroups * 1e3}
+        rows.append(r)
+        print(f"gptq K={K} N={N}: gptq_group {r['gptq_rows_per_s']:.0f} rows/s ({r['gptq_group_ms']:.3f} ms/group); "
+              f"with scale search + trailing update {r['full_rows_per_s']:.0f} rows/s; "
+              f"group_scale_search (128 x {N}, 97 factors) {r['scale_search_ms']:.3f} ms", flush=True)
+        del W, hinv, hblocks
+
+
+def bench_logits(rows, copy_bw):
+    T, V = 2048, 128256
+    logits = (torch.randn(T, V, device="cuda") * 4).half()
+    targets = torch.randint(0, V, (T,), device="cuda")
+    nll = torch.empty(T, device="cuda")
+    am = torch.empty(T, dtype=torch.int64, device="cuda")
+    t = time_events(lambda: C.logit_stats(logits.data_ptr(), True, T, V, targets.data_ptr(), 0, 0, 0,
+                                          nll.data_ptr(), am.data_ptr(), 0, stream()), iters=20)
+    bw = T * V * 2 / t
+    rows.append({"T": T, "V": V, "us": t * 1e6, "GBps": bw / 1e9, "copy_ratio": bw / copy_bw})
+    print(f"logit_stats [{T}, {V}] f16: {t * 1e6:.0f} us, {bw / 1e9:.0f} GB/s ({100 * bw / copy_bw:.0f}% of copy)", flush=True)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown(res) -> str:
+    L = []
+    L.append(f"Card: {res['card']}; date {res['date']}; torch {res['torch']}; command `{res['command']}`.")
+    L.append("")
+    L.append(f"Ceilings measured in the same run: device-to-device copy **{res['copy_GBps']:.0f} GB/s** "
+             f"(read + write), fp16 matmul (8192^3, cuBLAS) **{res['fp16_TFLOPs']:.0f} TFLOP/s**.")
+    L.append("")
+    L.append("exl2_matmul (f16 in/out; group size 128; 2.5 bpw = 50% 3-bit + 50% 2-bit). Time = median per call of "
+             "CUDA-graph replays, weights rotated over copies larger than L2. GB/s = packed weight bytes "
+             "(q_weight + q_scale) / time. M <= 32: fused kernel; M = 2048: dequant + torch.matmul.")
+    L.append("")
+    L.append("| K x N | bpw | M | path | us | GB/s | % of copy | TFLOP/s | fp16 cuBLAS us |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for r in res["matmul"]:
+        L.append(f"| {r['K']}x{r['N']} | {r['bpw']} | {r['M']} | {r['path']} | {r['us']:.1f} | {r['GBps']:.0f} | "
+                 f"{100 * r['copy_ratio']:.1f} | {r['TFLOPs']:.2f} | {r['fp16_us']:.1f} |")
+    L.append("")
+    if res.get("sweep"):
+        L.append("Launch-shape sweep of the fused kernel, M = 1, 4.0 bpw (cpt = columns per thread, ks = K splits "
+                 "over a thread-block cluster; flags 0 = default: 2-4 units of loads in flight per warp and an L2 "
+                 "prefetch of its first two units while x is staged; 1 = one unit in flight; 2 = no L2 prefetch; "
+                 "4 = L2 prefetch of all of the warp's units):")
+        L.append("")
+        L.append("| K x N | flags | cpt | ks | us | % of copy |")
+        L.append("|---|---|---|---|---|---|")
+        for r in res["sweep"]:
+            L.append(f"| {r['K']}x{r['N']} | {r['flags']} | {r['cpt']} | {r['ks']} | {r['us']:.1f} | "
+                     f"{100 * r['copy_ratio']:.1f} |")
+        L.append("")
+    L.append("GPTQ over a whole linear (4-bit, groups of 128 rows):")
+    L.append("")
+    L.append("| K | N | gptq_group rows/s | ms per group | rows/s incl. scale search + trailing update | "
+             "group_scale_search ms (128 x N, 97 factors) |")
+    L.append("|---|---|---|---|---|---|")
+    for r in res["gptq"]:
+        L.append(f"| {r['K']} | {r['N']} | {r['gptq_rows_per_s']:.0f} | {r['gptq_group_ms']:.3f} | "
+                 f"{r['full_rows_per_s']:.0f} | {r['scale_search_ms']:.3f} |")
+    L.append("")
+    for r in res["logits"]:
+        L.append(f"logit_stats [{r['T']}, {r['V']}] f16: {r['us']:.0f} us, {r['GBps']:.0f} GB/s "
+                 f"({100 * r['copy_ratio']:.0f}% of copy).")
+    L.append("")
+    L.append("Not measured yet: exllamav2 0.3.2's own kernels side by side.")
+    return "\n".join(L) + "\n"
+
+
+def sanitize_pass():
+    """Every CUDA kernel once on small shapes (run under compute-sanitizer)."""
+    from exl2build import kernels
+
+    torch.manual_seed(0)
+    codes = torch.randint(0, 8, (64, 40), dtype=torch.uint8, device="cuda")
+    packed = kernels.pack_codes(codes, 3)
+    assert torch.equal(kernels.unpack_codes(packed, 3, 64), codes)
+    qs = torch.randint(1, 17, (3, 64), dtype=torch.uint8, device="cuda")
+    assert torch.equal(kernels.unpack_scales(kernels.pack_scales(qs), 64), qs)
+    w = torch.randn(128, 200, device="cuda") * 0.02
+    q, smax, scale = kernels.group_scale_search(w, 4)
+    kernels.quantize_rows(w, scale, 4)
+    h = torch.triu(torch.randn(128, 128, device="cuda") * 0.01) + torch.eye(128, device="cuda")
+    kernels.gptq_group(w.clone(), h, scale, 4)
+    for K, N, bpw in [(1024, 200, 2.5), (4096, 352, 4.0), (1024, 4096, 6.0)]:
+        qt = random_qtensor(K, N, bpw, seed=1)
+        kernels.dequant(qt)
+        for M in (1, 3, 8, 16, 32):
+            x = torch.randn(M, K, device="cuda").half()
+            kernels.exl2_matmul(x, qt)
+            for cpt, ks, flags in ((1, 1, 0), (2, 4, 0), (1, 8, 1), (2, 2, 4), (2, 3, 2)):
+                y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+                C.exl2_matmul_cfg(*matmul_args(x, qt, y), stream(), cpt, ks, flags)
+    logits = torch.randn(5, 3001, device="cuda").half()
+    t = torch.randint(0, 3001, (5,), device="cuda")
+    lp = torch.log_softmax(torch.randn(5, 3001, device="cuda"), 1).topk(8, 1)
+    kernels.logit_stats(logits, t, lp.indices.int().contiguous(), lp.values.contiguous())
+    kernels.logit_stats(logits.float(), t)
+    torch.cuda.synchronize()
+    print("sanitize pass done")
+
+
+def profile_pass():
+    """A few launches of the fused kernel for Nsight Compute (4096x14336, 4.0 bpw, M = 1)."""
+    qt = random_qtensor(4096, 14336, 4.0, seed=3)
+    x = (torch.randn(1, 4096, device="cuda") * 0.5).half()
+    y = torch.empty(1, 14336, device="cuda", dtype=torch.float16)
+    for flags in (0, 1):
+        C.exl2_matmul_cfg(*matmul_args(x, qt, y), stream(), 0, 0, flags)
+    torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sanitize", action="store_true", help="run every kernel once on small shapes and exit")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="launch the fused kernel for ncu and exit")
+    args = ap.parse_args()
+    if args.profile:
+        profile_pass()
+        return
+    if args.sanitize:
+        sanitize_pass()
+        return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    res = {
+        "card": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+        "sms": C.device_sm_count(),
+    }
+    res["copy_GBps"] = copy_bandwidth() / 1e9
+    res["fp16_TFLOPs"] = fp16_matmul_tflops()
+    print(f"card {res['card']} ({res['sms']} SMs): copy {res['copy_GBps']:.0f} GB/s, fp16 matmul {res['fp16_TFLOPs']:.0f} TFLOP/s",
+          flush=True)
+    copy_bw = res["copy_GBps"] * 1e9
+    res["matmul"], res["sweep"], res["gptq"], res["logits"] = [], [], [], []
+    shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+    Ms = [1, 8, 32, 2048]
+    for K, N in shapes:
+        for bpw in (2.5, 4.0, 6.0):
+            bench_matmul(K, N, bpw, Ms, copy_bw, res["fp16_TFLOPs"], res["matmul"], args.quick)
+    if not args.no_sweep:
+        sweep_launch_shapes(copy_bw, res["sweep"])
+    bench_gptq(res["gptq"], args.quick)
+    bench_logits(res["logits"], copy_bw)
+    md = markdown(res)
+    print(md)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(md)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

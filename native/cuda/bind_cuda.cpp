@@ -1,0 +1,79 @@
+// Bindings of the CUDA kernels (module exl2build._native.cuda). Same signatures as
+// _native.cpu (see native/cpu/bind_cpu.cpp) plus one trailing `stream` argument: the
+// cudaStream_t as an integer (torch.cuda.current_stream().cuda_stream). Pointers are device
+// pointers passed as Python ints; exl2build/kernels.py has validated every tensor. Kernels
+// are enqueued asynchronously on the stream; the GIL is released meanwhile. A failing CUDA
+// call raises RuntimeError("<kernel>: <CUDA error>"). Nothing here touches CUDA at import.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "kernels_cuda.cuh"
+
+namespace py = pybind11;
+using P = std::uintptr_t;
+
+namespace {
+template <typename T>
+T* ptr(P p) {
+    return reinterpret_cast<T*>(p);
+}
+}  // namespace
+
+void register_cuda(py::module_& m) {
+    const auto nogil = py::call_guard<py::gil_scoped_release>();
+    m.def("pack_codes", [](P codes, P out, int64_t R, int64_t N, int bits, P stream) {
+        exl2cuda::pack_codes(ptr<const uint8_t>(codes), ptr<int32_t>(out), R, N, bits, stream);
+    }, nogil);
+    m.def("unpack_codes", [](P packed, P out, int64_t R, int64_t N, int bits, P stream) {
+        exl2cuda::unpack_codes(ptr<const int32_t>(packed), ptr<uint8_t>(out), R, N, bits, stream);
+    }, nogil);
+    m.def("pack_scales", [](P qscale, P out, int64_t G, int64_t N, P stream) {
+        exl2cuda::pack_scales(ptr<const uint8_t>(qscale), ptr<int32_t>(out), G, N, stream);
+    }, nogil);
+    m.def("unpack_scales", [](P q_scale, P out, int64_t G, int64_t N, P stream) {
+        exl2cuda::unpack_scales(ptr<const int32_t>(q_scale), ptr<uint8_t>(out), G, N, stream);
+    }, nogil);
+    m.def("quantize_rows", [](P w, P scale, P codes, P deq, int64_t R, int64_t N, int bits, P stream) {
+        exl2cuda::quantize_rows(ptr<const float>(w), ptr<const float>(scale), ptr<uint8_t>(codes), ptr<float>(deq), R,
+                                N, bits, stream);
+    }, nogil);
+    m.def("group_scale_search", [](P w, int64_t R, int64_t N, int bits, double p_min, double p_max, int64_t p_steps,
+                                   double norm, P qscale, P scale, P scale_max, P stream) {
+        exl2cuda::group_scale_search(ptr<const float>(w), R, N, bits, p_min, p_max, p_steps, norm,
+                                     ptr<uint8_t>(qscale), ptr<float>(scale), ptr<float>(scale_max), stream);
+    }, nogil);
+    m.def("gptq_group", [](P w, P hinv, P scale, P codes, P err, int64_t g, int64_t N, int bits, P stream) {
+        exl2cuda::gptq_group(ptr<float>(w), ptr<const float>(hinv), ptr<const float>(scale), ptr<uint8_t>(codes),
+                             ptr<float>(err), g, N, bits, stream);
+    }, nogil);
+    m.def("dequant", [](P qw, P qs, P qsm, P qg, P invperm, P out, int64_t K, int64_t N, int64_t n_pad, int64_t G,
+                        bool out_is_f16, P stream) {
+        exl2cuda::dequant(ptr<const int32_t>(qw), ptr<const int32_t>(qs), ptr<const uint16_t>(qsm),
+                          ptr<const int16_t>(qg), ptr<const int32_t>(invperm), ptr<void>(out), K, N, n_pad, G,
+                          out_is_f16, stream);
+    }, nogil);
+    m.def("exl2_matmul", [](P x, P qw, P qs, P qsm, P qg, P perm, P y, int64_t M, int64_t K, int64_t N, int64_t n_pad,
+                            int64_t G, bool io_is_f16, P stream) {
+        exl2cuda::exl2_matmul(ptr<const void>(x), ptr<const int32_t>(qw), ptr<const int32_t>(qs),
+                              ptr<const uint16_t>(qsm), ptr<const int16_t>(qg), ptr<const int32_t>(perm), ptr<void>(y),
+                              M, K, N, n_pad, G, io_is_f16, stream);
+    }, nogil);
+    // Tuning entry for benchmarks/kernels.py: the same kernel with the launch shape forced
+    // (cols_per_thread 1 or 2; k_splits 1..8, >1 only on sm_90; 0 = the default choice) and
+    // flags (1 = shallow load pipeline, 2 = no L2 prefetch, 4 = L2 prefetch of all units; 0 = default).
+    m.def("exl2_matmul_cfg", [](P x, P qw, P qs, P qsm, P qg, P perm, P y, int64_t M, int64_t K, int64_t N,
+                                int64_t n_pad, int64_t G, bool io_is_f16, P stream, int cols_per_thread, int k_splits,
+                                int flags) {
+        exl2cuda::exl2_matmul(ptr<const void>(x), ptr<const int32_t>(qw), ptr<const int32_t>(qs),
+                              ptr<const uint16_t>(qsm), ptr<const int16_t>(qg), ptr<const int32_t>(perm), ptr<void>(y),
+                              M, K, N, n_pad, G, io_is_f16, stream, cols_per_thread, k_splits, flags);
+    }, nogil);
+    m.def("logit_stats", [](P logits, bool is_f16, int64_t T, int64_t V, P targets, P ref_idx, P ref_logp, int64_t k,
+                            P nll, P argmax, P kld, P stream) {
+        exl2cuda::logit_stats(ptr<const void>(logits), is_f16, T, V, ptr<const int64_t>(targets),
+                              ptr<const int32_t>(ref_idx), ptr<const float>(ref_logp), k, ptr<float>(nll),
+                              ptr<int64_t>(argmax), ptr<float>(kld), stream);
+    }, nogil);
+    m.def("device_sm_count", []() { return exl2cuda::device_sm_count(); }, "SMs of the current device");
+}

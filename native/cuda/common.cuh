@@ -1,0 +1,133 @@
+// Shared helpers of the CUDA kernels: error checks, stream casts, the EXL2 group table.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace exl2cuda {
+
+inline void check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();  // clear a non-sticky error so later calls start clean
+        throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
+    }
+}
+inline void check_launch(const char* what) { check(cudaGetLastError(), what); }
+inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid-size helper: at most `cap` blocks of `threads` for n items (grid-stride kernels).
+inline unsigned grid_for(int64_t n, int threads, int64_t cap = 65535LL * 16) {
+    int64_t b = cdiv(n, threads);
+    if (b < 1) b = 1;
+    if (b > cap) b = cap;
+    return (unsigned)b;
+}
+
+// Temporary device memory from the stream-ordered pool, freed on the stream.
+struct StreamBuffer {
+    void* p = nullptr;
+    cudaStream_t s;
+    StreamBuffer(size_t bytes, cudaStream_t stream, const char* what) : s(stream) {
+        check(cudaMallocAsync(&p, bytes ? bytes : 16, stream), what);
+    }
+    ~StreamBuffer() {
+        if (p) cudaFreeAsync(p, s);
+    }
+    StreamBuffer(const StreamBuffer&) = delete;
+    StreamBuffer& operator=(const StreamBuffer&) = delete;
+};
+
+// ---------------------------------------------------------------------------------------
+// The group table of a packed linear, built in shared memory by a whole block.
+// For groups g in [0, G): bits[g], qrow[g] (first row inside q_weight), row[g] (first
+// permuted K row), unit[g] (first 32-row unit; a group has ceil(rows/32) units, only the
+// last may be short). row[G] = K, unit[G] = total units.
+struct GroupTable {
+    int* bits;
+    int* qrow;
+    int* row;
+    int* unit;
+};
+
+// Shared-memory ints needed by build_group_table (table + scan scratch).
+__host__ __device__ inline int64_t group_table_ints(int64_t G) { return 4 * G + 2 + 64; }
+
+__device__ inline GroupTable group_table_at(int* base, int G) {
+    GroupTable t;
+    t.bits = base;
+    t.qrow = base + G;
+    t.row = base + 2 * G;
+    t.unit = base + 3 * G + 1;
+    return t;
+}
+
+// Call with all threads of the block; ends with __syncthreads().
+__device__ inline GroupTable build_group_table(const int16_t* __restrict__ q_groups, int G, int K, int* smem) {
+    GroupTable t = group_table_at(smem, G);
+    int* scratch = smem + 4 * G + 2;  // 64 ints: per-warp totals of rows and units
+    const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
+    const int per = (G + nt - 1) / nt;
+    const int g0 = min(G, tid * per), g1 = min(G, g0 + per);
+    int srows = 0, sunits = 0;
+    for (int g = g0; g < g1; ++g) {
+        const int b = (int)(uint16_t)q_groups[2 * g];
+        const int q = (int)(uint16_t)q_groups[2 * g + 1];
+        t.bits[g] = b;
+        t.qrow[g] = q;
+        if (g + 1 < G && b > 0) {
+            const int rows = ((int)(uint16_t)q_groups[2 * g + 3] - q) * 32 / b;
+            srows += rows;
+            sunits += (rows + 31) / 32;
+        }
+    }
+    // Block exclusive scan of (srows, sunits).
+    int ir = srows, iu = sunits;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int r = __shfl_up_sync(0xffffffffu, ir, o), u = __shfl_up_sync(0xffffffffu, iu, o);
+        if (lane >= o) { ir += r; iu += u; }
+    }
+    if (lane == 31) { scratch[warp] = ir; scratch[32 + warp] = iu; }
+    __syncthreads();
+    int offr = ir - srows, offu = iu - sunits;
+    for (int w = 0; w < warp; ++w) { offr += scratch[w]; offu += scratch[32 + w]; }
+    (void)nw;
+    for (int g = g0; g < g1; ++g) {
+        const int b = t.bits[g];
+        const int rows = (g + 1 < G) ? (b > 0 ? (t.qrow[g + 1] - t.qrow[g]) * 32 / b : 0) : K - offr;
+        t.row[g] = offr;
+        t.unit[g] = offu;
+        offr += rows;
+        offu += (rows + 31) / 32;
+        if (g == G - 1) { t.row[G] = K; t.unit[G] = offu; }
+    }
+    if (G == 0 && tid == 0) { t.row[0] = K; t.unit[0] = 0; }
+    __syncthreads();
+    return t;
+}
+
+// Largest g in [0, G) with a[g] <= v (a nondecreasing); 0 if none.
+__device__ inline int find_le(const int* a, int G, int v) {
+    int lo = 0, hi = G - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (a[mid] <= v) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// The loader's fp16 scale: half(s*s) * (half(scale_max) * half(1/256)).
+__device__ inline float exl2_scale(int s, __half smax) {
+    const __half s2 = __float2half_rn((float)(s * s));
+    return __half2float(__hmul(s2, __hmul(smax, __float2half_rn(1.0f / 256.0f))));
+}
+__device__ inline int scale_code(const int32_t* __restrict__ q_scale, int g, int n, int n_pad) {
+    const uint32_t w = (uint32_t)__ldg(q_scale + (int64_t)g * (n_pad / 8) + (n >> 3));
+    return (int)((w >> (4 * (n & 7))) & 15u) + 1;
+}
+
+}  // namespace exl2cuda

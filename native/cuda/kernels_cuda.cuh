@@ -1,0 +1,43 @@
+// Launchers of the CUDA kernels (plain C++ interface; no pybind11 here).
+// Pointers are device pointers; `stream` is a cudaStream_t passed as an integer.
+// Every launcher checks its CUDA calls and launches and throws std::runtime_error
+// ("<kernel>: <cuda error string>") on failure.
+#pragma once
+#include <cstdint>
+
+namespace exl2cuda {
+
+void pack_codes(const uint8_t* codes, int32_t* out, int64_t R, int64_t N, int bits, uintptr_t stream);
+void unpack_codes(const int32_t* packed, uint8_t* out, int64_t R, int64_t N, int bits, uintptr_t stream);
+void pack_scales(const uint8_t* qscale, int32_t* out, int64_t G, int64_t N, uintptr_t stream);
+void unpack_scales(const int32_t* q_scale, uint8_t* out, int64_t G, int64_t N, uintptr_t stream);
+
+void quantize_rows(const float* w, const float* scale, uint8_t* codes, float* deq, int64_t R, int64_t N,
+                   int bits, uintptr_t stream);
+void group_scale_search(const float* w, int64_t R, int64_t N, int bits, double p_min, double p_max,
+                        int64_t p_steps, double norm, uint8_t* qscale_out, float* scale_out,
+                        float* scale_max_out, uintptr_t stream);
+void gptq_group(float* w, const float* hinv, const float* scale, uint8_t* codes, float* err, int64_t g,
+                int64_t N, int bits, uintptr_t stream);
+
+void dequant(const int32_t* q_weight, const int32_t* q_scale, const uint16_t* q_scale_max,
+             const int16_t* q_groups, const int32_t* q_invperm, void* out, int64_t K, int64_t N,
+             int64_t n_pad, int64_t G, bool out_is_f16, uintptr_t stream);
+
+// cols_per_thread (1 or 2) and k_splits (1..8, >1 needs sm_90 clusters): 0 = choose.
+// flags (tuning): 1 = one unit of loads in flight per warp, 2 = no L2 prefetch, 4 = L2 prefetch of
+// every unit of the warp (default: the first two units only); 0 = default.
+void exl2_matmul(const void* x, const int32_t* q_weight, const int32_t* q_scale, const uint16_t* q_scale_max,
+                 const int16_t* q_groups, const int32_t* q_perm, void* y, int64_t M, int64_t K, int64_t N,
+                 int64_t n_pad, int64_t G, bool io_is_f16, uintptr_t stream, int cols_per_thread = 0,
+                 int k_splits = 0, int flags = 0);
+
+void logit_stats(const void* logits, bool logits_is_f16, int64_t T, int64_t V, const int64_t* targets,
+                 const int32_t* ref_idx, const float* ref_logp, int64_t k, float* nll_out,
+                 int64_t* argmax_out, float* kld_out, uintptr_t stream);
+
+// Device facts used by the launchers (and reported by the benchmarks).
+int device_sm_count();
+int device_cc_major();
+
+}  // namespace exl2cuda

@@ -1,0 +1,379 @@
+"""CUDA kernels (exl2build._native.cuda, via exl2build.kernels and directly) against the
+plain-torch spec (exl2build.kernels_ref).
+
+Error bounds per kernel:
+- pack/unpack codes and scales, quantize_rows, group_scale_search, gptq_group, dequant:
+  bit-exact (torch.equal), the arithmetic follows the reference operation by operation.
+- exl2_matmul: f32 accumulation, the scales applied per group: relative Frobenius error
+  <= 1e-5 against x.float() @ dequant_f32 for f32 I/O; for f16 I/O <= 2e-3 and elementwise
+  within one f16 rounding of the output plus 1e-3 * max|y|.
+- logit_stats: nll within 1e-5 (abs+rel), argmax exact, kld within 1e-4 rel / 1e-5 abs.
+
+Outputs are handed to the native kernels pre-filled with poison (NaN for floats, and two
+different byte patterns for integers) so that an element a kernel forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exl2build import kernels, kernels_ref
+from exl2build.format.exl2 import build_qtensor
+
+try:
+    from exl2build import _native
+except ImportError:  # pragma: no cover
+    _native = None
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(_native is None or not getattr(_native, "built_with_cuda", False),
+                       reason="exl2build._native was built without CUDA"),
+]
+
+BITS = (2, 3, 4, 5, 6, 8)
+DEV = "cuda"
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def native(fn: str, *args):
+    getattr(_native.cuda, fn)(*args, stream())
+    torch.cuda.synchronize()
+
+
+def poisoned(shape, dtype, value):
+    return torch.full(shape, value, dtype=dtype, device=DEV)
+
+
+INT_POISONS = (0xFF, 0x5A)
+
+
+def random_codes(rows: int, n: int, bits: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 1 << bits, (rows, n), generator=gen(seed), dtype=torch.int64).to(torch.uint8)
+
+
+def hinv_block(g: int, seed: int) -> torch.Tensor:
+    x = torch.randn(g, 4 * g, generator=gen(seed), dtype=torch.float64)
+    h = x @ x.T / (4 * g) + 0.05 * torch.eye(g, dtype=torch.float64)
+    # .contiguous(): cholesky(upper=True) returns a transposed view, and the raw pointer
+    # handed to the native kernel must be row-major.
+    return torch.linalg.cholesky(torch.linalg.inv(h), upper=True).to(torch.float32).contiguous()
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("rows,n", [(32, 32), (64, 8), (128, 96), (96, 40), (64, 33), (256, 1000)])
+def test_pack_unpack_codes_bit_exact(bits, rows, n):
+    if rows * bits % 32:
+        pytest.skip("rows do not fill whole words")
+    codes = random_codes(rows, n, bits, seed=bits * 1000 + rows + n)
+    ref = kernels_ref.pack_codes(codes, bits)
+    cd = codes.to(DEV)
+    for p in INT_POISONS:
+        out = poisoned(ref.shape, torch.int32, p * 0x01010101 - (1 << 32) * (p >= 0x80))
+        native("pack_codes", cd.data_ptr(), out.data_ptr(), rows, n, bits)
+        assert torch.equal(out.cpu(), ref)
+        back = poisoned((rows, n), torch.uint8, p)
+        native("unpack_codes", out.data_ptr(), back.data_ptr(), rows, n, bits)
+        assert torch.equal(back.cpu(), codes)
+    # through kernels.py too
+    assert torch.equal(kernels.pack_codes(cd, bits).cpu(), ref)
+    assert torch.equal(kernels.unpack_codes(ref.to(DEV), bits, rows).cpu(), codes)
+
+
+def test_unpack_codes_2bit_16_rows():
+    codes = random_codes(16, 64, 2, seed=3)
+    packed = kernels_ref.pack_codes(codes, 2)
+    assert torch.equal(kernels.unpack_codes(packed.to(DEV), 2, 16).cpu(), codes)
+
+
+@pytest.mark.parametrize("g,n", [(1, 8), (3, 64), (5, 1536), (7, 40)])
+def test_pack_unpack_scales_bit_exact(g, n):
+    qscale = torch.randint(1, 17, (g, n), generator=gen(g * n), dtype=torch.int64).to(torch.uint8)
+    ref = kernels_ref.pack_scales(qscale)
+    qd = qscale.to(DEV)
+    for p in INT_POISONS:
+        out = poisoned(ref.shape, torch.int32, p)
+        native("pack_scales", qd.data_ptr(), out.data_ptr(), g, n)
+        assert torch.equal(out.cpu(), ref)
+        back = poisoned((g, n), torch.uint8, p)
+        native("unpack_scales", out.data_ptr(), back.data_ptr(), g, n)
+        assert torch.equal(back.cpu(), qscale)
+    assert torch.equal(kernels.unpack_scales(ref.to(DEV), n - 3).cpu(), qscale[:, : n - 3])
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("rows,n", [(1, 7), (32, 64), (128, 200), (64, 4133)])
+def test_quantize_rows_bit_exact(bits, rows, n):
+    w = torch.randn(rows, n, generator=gen(bits + rows + n)) * 0.05
+    scale = torch.rand(n, generator=gen(n)) * 0.01 + 1e-4
+    scale[0] = 0.0  # an underflowed fp16 scale gives the zero code
+    rc, rd = kernels_ref.quantize_rows(w, scale, bits)
+    wd, sd = w.to(DEV), scale.to(DEV)
+    for p in INT_POISONS:
+        codes = poisoned((rows, n), torch.uint8, p)
+        deq = poisoned((rows, n), torch.float32, float("nan"))
+        native("quantize_rows", wd.data_ptr(), sd.data_ptr(), codes.data_ptr(), deq.data_ptr(), rows, n, bits)
+        assert torch.equal(codes.cpu(), rc) and torch.equal(deq.cpu(), rd)
+
+
+def _gss_native(w: torch.Tensor, bits, p_min=0.70, p_max=1.20, p_steps=97, norm=3.5, poison=0xFF):
+    R, N = w.shape
+    wd = w.to(DEV)
+    qs = poisoned((N,), torch.uint8, poison)
+    scale = poisoned((N,), torch.float32, float("nan"))
+    smax = poisoned((1,), torch.float32, float("nan"))
+    native("group_scale_search", wd.data_ptr(), R, N, bits, p_min, p_max, p_steps, norm, qs.data_ptr(),
+           scale.data_ptr(), smax.data_ptr())
+    return qs.cpu(), float(smax.item()), scale.cpu()
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("rows,n", [(32, 64), (128, 96), (64, 33), (128, 700)])
+def test_group_scale_search_bit_exact(bits, rows, n):
+    w = torch.randn(rows, n, generator=gen(10 * bits + rows)) * 0.02
+    w[:, 3] *= 10  # one loud column spreads the 4-bit scale codes
+    rqs, rsmax, rscale = kernels_ref.group_scale_search(w, bits)
+    for p in INT_POISONS:
+        qs, smax, scale = _gss_native(w, bits, poison=p)
+        assert torch.equal(qs, rqs) and smax == rsmax and torch.equal(scale, rscale)
+    qs, smax, scale = kernels.group_scale_search(w.to(DEV), bits)
+    assert torch.equal(qs.cpu(), rqs) and smax == rsmax and torch.equal(scale.cpu(), rscale)
+
+
+@pytest.mark.parametrize("norm,p_steps", [(2.0, 11), (3.0, 5), (2.7, 7), (3.5, 1)])
+def test_group_scale_search_other_norms(norm, p_steps):
+    w = torch.randn(64, 48, generator=gen(int(norm * 10))) * 0.03
+    got = _gss_native(w, 4, 0.8, 1.1, p_steps, norm)
+    ref = kernels_ref.group_scale_search(w, 4, 0.8, 1.1, p_steps, norm)
+    assert torch.equal(got[0], ref[0]) and got[1] == ref[1] and torch.equal(got[2], ref[2])
+
+
+def test_group_scale_search_zero_group():
+    qs, smax, scale = _gss_native(torch.zeros(32, 16), 4)
+    assert torch.all(qs == 1) and smax == 0.0 and torch.all(scale == 0)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("g,n", [(32, 64), (128, 200), (64, 1), (128, 1000), (16, 40)])
+def test_gptq_group_bit_exact(bits, g, n):
+    w = torch.randn(g, n, generator=gen(bits * g + n)) * 0.02
+    _, _, scale = kernels_ref.group_scale_search(w, bits, p_steps=9)
+    hinv = hinv_block(g, seed=g + bits)
+    w_ref = w.clone()
+    rcodes, rerr = kernels_ref.gptq_group(w_ref, hinv, scale, bits)
+    hd, sd = hinv.to(DEV), scale.to(DEV)
+    for p in INT_POISONS:
+        wd = w.to(DEV)
+        codes = poisoned((g, n), torch.uint8, p)
+        err = poisoned((g, n), torch.float32, float("nan"))
+        native("gptq_group", wd.data_ptr(), hd.data_ptr(), sd.data_ptr(), codes.data_ptr(), err.data_ptr(), g, n, bits)
+        assert torch.equal(codes.cpu(), rcodes)
+        assert torch.equal(err.cpu(), rerr)
+        assert torch.equal(wd.cpu(), w_ref)
+    wd = w.to(DEV)
+    codes, err = kernels.gptq_group(wd, hd, sd, bits)
+    assert torch.equal(codes.cpu(), rcodes) and torch.equal(wd.cpu(), w_ref)
+
+
+def test_gptq_group_too_large_raises():
+    with pytest.raises(RuntimeError, match="gptq_group"):
+        _native.cuda.gptq_group(0, 0, 0, 0, 0, 100000, 32, 4, stream())
+
+
+# ----------------------------------------------------------------------------- dequant and matmul
+
+
+def random_qtensor(K: int, N: int, layout, seed: int):
+    """A QTensor (on CPU) of random codes, scale codes and scale maxima; layout = [(bits, rows)]."""
+    assert sum(r for _, r in layout) == K
+    g = gen(seed)
+    groups = []
+    for bits, rows in layout:
+        codes = torch.randint(0, 1 << bits, (rows, N), generator=g).to(torch.uint8)
+        qs = torch.randint(1, 17, (N,), generator=g).to(torch.uint8)
+        smax = float(torch.tensor(0.02 / (1 << (bits - 1)) * (0.5 + torch.rand(1, generator=g).item())).half())
+        groups.append((bits, codes, qs, smax))
+    invperm = torch.argsort(torch.randperm(K, generator=gen(seed + 1))).to(torch.int32)
+    return build_qtensor(groups, invperm, N)
+
+
+LAYOUTS = [
+    (256, 96, [(8, 32), (4, 64), (2, 128), (2, 32)]),
+    (320, 200, [(8, 64), (6, 64), (5, 64), (4, 64), (3, 64)]),
+    (192, 33, [(4, 128), (2, 64)]),
+    (128, 64, [(3, 128)]),
+    (96, 8, [(6, 32), (5, 32), (2, 16), (2, 16)]),
+    (112, 40, [(4, 64), (2, 48)]),
+    (1024, 1000, [(8, 128), (6, 128), (5, 128), (4, 256), (3, 256), (2, 128)]),
+    (4096, 352, [(4, 128)] * 32),
+]
+
+
+def qt_args(qt):
+    return [qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(), qt.q_groups.data_ptr()]
+
+
+@pytest.mark.parametrize("K,N,layout", LAYOUTS)
+def test_dequant_bit_exact(K, N, layout):
+    qt = random_qtensor(K, N, layout, seed=K + N)
+    qd = qt.to(DEV)
+    for dtype in (torch.float16, torch.float32):
+        ref = kernels_ref.dequant(qt, dtype)
+        out = poisoned((K, N), dtype, float("nan"))
+        native("dequant", *qt_args(qd), qd.q_invperm.data_ptr(), out.data_ptr(), K, N, qd.n_pad, qd.num_groups,
+               dtype == torch.float16)
+        assert torch.equal(out.cpu(), ref)
+    assert torch.equal(kernels.dequant(qd).cpu(), kernels_ref.dequant(qt))
+
+
+def _matmul_native(x, qd, M, cfg=None):
+    f16 = x.dtype == torch.float16
+    y = poisoned((M, qd.N), x.dtype, float("nan"))
+    args = [x.data_ptr(), *qt_args(qd), qd.perm.data_ptr(), y.data_ptr(), M, qd.K, qd.N, qd.n_pad, qd.num_groups, f16]
+    if cfg is None:
+        native("exl2_matmul", *args)
+    else:
+        _native.cuda.exl2_matmul_cfg(*args, stream(), *cfg)
+        torch.cuda.synchronize()
+    return y
+
+
+def _check_matmul(y, x, w32, f16):
+    ref = x.double().cpu() @ w32.double()
+    yc = y.cpu().double()
+    assert torch.isfinite(yc).all(), "unwritten (NaN) outputs"
+    rel = ((yc - ref).norm() / ref.norm()).item()
+    if f16:
+        assert rel <= 2e-3, rel
+        tol = ref.abs() * 2.0**-10 + 1e-3 * ref.abs().max()
+        assert torch.all((yc - ref).abs() <= tol)
+    else:
+        assert rel <= 1e-5, rel
+
+
+@pytest.mark.parametrize("K,N,layout", LAYOUTS)
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 13, 32])
+def test_exl2_matmul_matches_reference(K, N, layout, M):
+    qt = random_qtensor(K, N, layout, seed=3 * K + N)
+    qd = qt.to(DEV)
+    w32 = kernels_ref.dequant(qt, torch.float32)
+    x = torch.randn(M, K, generator=gen(M + K)).to(DEV)
+    _check_matmul(_matmul_native(x, qd, M), x, w32, False)
+    xh = x.half()
+    yh = _matmul_native(xh, qd, M)
+    _check_matmul(yh, xh, w32, True)
+    # kernels.py dispatch gives the same result
+    assert torch.equal(kernels.exl2_matmul(xh, qd), yh)
+
+
+_SHAPES_QT = {}
+
+
+def _launch_shapes_qtensor():
+    if not _SHAPES_QT:
+        K, N, layout = 1024, 1000, [(8, 128), (6, 128), (5, 128), (4, 224), (3, 256), (2, 112), (2, 48)]
+        qt = random_qtensor(K, N, layout, seed=11)
+        _SHAPES_QT["qt"] = (qt, kernels_ref.dequant(qt, torch.float32))
+    return _SHAPES_QT["qt"]
+
+
+@pytest.mark.parametrize("cpt", [1, 2])
+@pytest.mark.parametrize("ks", [1, 2, 3, 8])
+@pytest.mark.parametrize("M", [1, 4, 16])
+@pytest.mark.parametrize("flags", [0, 1, 2, 4])
+def test_exl2_matmul_launch_shapes(cpt, ks, M, flags):
+    """Every forced launch shape (columns per thread, K splits over a cluster, load pipeline)
+    computes the same product, deterministically."""
+    qt, w32 = _launch_shapes_qtensor()
+    qd = qt.to(DEV)
+    x = torch.randn(M, qt.K, generator=gen(5)).to(DEV)
+    y = _matmul_native(x, qd, M, (cpt, ks, flags))
+    _check_matmul(y, x, w32, False)
+    y2 = _matmul_native(x, qd, M, (cpt, ks, flags))
+    assert torch.equal(y, y2), "not deterministic"
+
+
+def test_exl2_matmul_large_m_through_kernels():
+    qt = random_qtensor(256, 96, [(8, 32), (4, 64), (2, 128), (2, 32)], seed=1)
+    qd = qt.to(DEV)
+    x = torch.randn(40, 256, generator=gen(2)).half().to(DEV)
+    y = kernels.exl2_matmul(x, qd)
+    _check_matmul(y, x, kernels_ref.dequant(qt, torch.float32), True)
+
+
+# ----------------------------------------------------------------------------- logits
+
+
+def _logit_native(logits, targets, ref_idx, ref_logp):
+    T, V = logits.shape
+    k = 0 if ref_idx is None else ref_idx.shape[1]
+    nll = poisoned((T,), torch.float32, float("nan"))
+    am = poisoned((T,), torch.int64, -1)
+    kld = poisoned((T,), torch.float32, float("nan")) if k else None
+    native("logit_stats", logits.data_ptr(), logits.dtype == torch.float16, T, V, targets.data_ptr(),
+           0 if ref_idx is None else ref_idx.data_ptr(), 0 if ref_logp is None else ref_logp.data_ptr(), k,
+           nll.data_ptr(), am.data_ptr(), 0 if kld is None else kld.data_ptr())
+    return nll, am, kld
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,V,k", [(1, 5, 2), (7, 1000, 8), (33, 3001, 32), (4, 2500, 0), (3, 50257, 16), (2, 152064, 64)])
+def test_logit_stats_matches_reference(dtype, T, V, k):
+    logits = (torch.randn(T, V, generator=gen(T + V)) * 4).to(dtype)
+    targets = torch.randint(0, V, (T,), generator=gen(V), dtype=torch.int64)
+    ref_idx = ref_logp = None
+    if k:
+        ref = torch.log_softmax(torch.randn(T, V, generator=gen(T)) * 4, dim=1)
+        top = ref.topk(k, dim=1)
+        ref_idx, ref_logp = top.indices.to(torch.int32).contiguous(), top.values.contiguous()
+    exp = kernels_ref.logit_stats(logits, targets, ref_idx, ref_logp)
+    ld, td = logits.to(DEV), targets.to(DEV)
+    rid = None if ref_idx is None else ref_idx.to(DEV)
+    rlp = None if ref_logp is None else ref_logp.to(DEV)
+    nll, am, kld = _logit_native(ld, td, rid, rlp)
+    torch.testing.assert_close(nll.cpu(), exp["nll"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(am.cpu(), exp["argmax"])
+    if k:
+        torch.testing.assert_close(kld.cpu(), exp["kld"], rtol=1e-4, atol=1e-5)
+    got = kernels.logit_stats(ld, td, rid, rlp)
+    assert torch.equal(got["nll"], nll) and torch.equal(got["argmax"], am)
+
+
+def test_logit_stats_ties_pick_first_and_kld_zero():
+    logits = torch.randn(5, 700, generator=gen(1)) * 3
+    logits[:, 10] = 50.0
+    logits[:, 600] = 50.0
+    logp = torch.log_softmax(logits, dim=1)
+    top = logp.topk(16, dim=1)
+    st = kernels.logit_stats(logits.to(DEV), torch.zeros(5, dtype=torch.int64, device=DEV),
+                             top.indices.int().contiguous().to(DEV), top.values.contiguous().to(DEV))
+    assert torch.all(st["argmax"].cpu() == 10)
+    assert st["kld"].abs().max().item() < 1e-5
+    torch.testing.assert_close(st["nll"].cpu(), -logp[:, 0])
+
+
+def test_logit_stats_misaligned_rows():
+    # A view starting one element into the buffer: rows are not 16-byte aligned.
+    T, V = 6, 4099
+    buf = (torch.randn(T * V + 1, generator=gen(4)) * 4).half()
+    logits = buf[1:].view(T, V)
+    targets = torch.randint(0, V, (T,), generator=gen(5), dtype=torch.int64)
+    exp = kernels_ref.logit_stats(logits, targets)
+    nll, am, _ = _logit_native(buf.to(DEV)[1:].view(T, V), targets.to(DEV), None, None)
+    torch.testing.assert_close(nll.cpu(), exp["nll"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(am.cpu(), exp["argmax"])
