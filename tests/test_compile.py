@@ -1,6 +1,8 @@
 """compile_full: shards, tensor order, copied files, config, determinism."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -95,3 +97,18 @@ def test_errors(tmp_path):
         compile_full(src, q, tmp_path / "out", 0, QC)
     with pytest.raises(InputError, match="shard_size_mb"):
         compile_full(src, q, tmp_path / "out", -1, QC)
+
+
+def test_compiled_weights_are_readable_like_the_other_files(tmp_path):
+    """safetensors writes 0600 files; a published model folder must not be owner-only."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "tokenizer.json").write_text("{}")
+    q = tmp_path / "q"
+    q.mkdir()
+    save_file({"model.norm.weight": torch.ones(8, dtype=torch.float16)}, str(q / "layer.safetensors"))
+    out = tmp_path / "out"
+    compile_full(src, q, out, 0, {"quant_method": "exl2"})
+    mode = stat.S_IMODE(os.stat(out / "output.safetensors").st_mode)
+    assert mode == stat.S_IMODE(os.stat(out / "tokenizer.json").st_mode)

@@ -10,6 +10,7 @@ the same inputs give byte-identical files.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -104,6 +105,9 @@ def compile_full(source_dir, quantized_dir, out_dir, shard_size_mb: float, quant
     for k, shard in enumerate(shards):
         fname = "output.safetensors" if len(shards) == 1 else f"output-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file({n: get(n).contiguous() for n in shard}, str(out_dir / fname), metadata={"format": "pt"})
+        # safetensors creates files owner-only (0600); a published model must be readable
+        # like the config and tokenizer files beside it.
+        os.chmod(out_dir / fname, 0o666 & ~_umask())
         files.append(fname)
     handles.clear()
 
@@ -114,6 +118,12 @@ def compile_full(source_dir, quantized_dir, out_dir, shard_size_mb: float, quant
     config["quantization_config"] = quant_config
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"files": files, "bytes": sum(sizes.values()), "tensors": len(names)}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 _DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
