@@ -140,10 +140,11 @@ def quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torc
 
 def group_scale_search(
     w: torch.Tensor, bits: int, p_min: float = 0.70, p_max: float = 1.20, p_steps: int = 97, norm: float = 3.5
-) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """Scales of one group f32 [R, N] -> (qscale uint8 [N] in 1..16, scale_max float, scale f32 [N]).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scales of one group f32 [R, N] -> (qscale uint8 [N] in 1..16, scale_max, scale f32 [N]).
 
-    scale_max is an fp16 value; scale is the loader's fp16 scale as f32.
+    scale_max is a 0-d f32 tensor on w's device holding an fp16 value (a device scalar, so
+    the GPTQ loop never waits for the GPU); scale is the loader's fp16 scale as f32.
     """
     bits = _check_bits(bits)
     _check("w", w, torch.float32, dims=2)
@@ -158,7 +159,7 @@ def group_scale_search(
     smax = torch.empty(1, dtype=torch.float32, device=w.device)
     _call("group_scale_search", w.device, w.data_ptr(), R, N, bits, float(p_min), float(p_max), int(p_steps),
           float(norm), qscale.data_ptr(), scale.data_ptr(), smax.data_ptr())
-    return qscale, float(smax.item()), scale
+    return qscale, smax.reshape(()), scale
 
 
 def gptq_group(

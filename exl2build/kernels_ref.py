@@ -126,7 +126,7 @@ def group_scale_search(
         if best_score is None or score < best_score:
             best, best_score = (smax, scale), score
     smax, scale = best
-    return qscale, float(smax), scale
+    return qscale, torch.tensor(float(smax), dtype=torch.float32, device=w.device), scale
 
 
 def gptq_group(

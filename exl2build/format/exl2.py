@@ -166,7 +166,8 @@ class QTensor:
 def build_qtensor(groups, invperm: torch.Tensor, N: int, bias: torch.Tensor | None = None) -> QTensor:
     """Assemble a QTensor from per-group results along K (permuted order).
 
-    groups: sequence of (bits, codes uint8 [rows, N], qscale uint8 [N] in 1..16, scale_max float).
+    groups: sequence of (bits, codes uint8 [rows, N], qscale uint8 [N] in 1..16, scale_max: a
+    float or 0-d tensor; tensors stay on their device, so no GPU sync happens here).
     Padded columns hold the zero code 2^(bits-1) and scale code 1.
     """
     from exl2build import kernels  # lazy: kernels.py must not import format at load time
@@ -183,7 +184,7 @@ def build_qtensor(groups, invperm: torch.Tensor, N: int, bias: torch.Tensor | No
         qs[0, :N] = qscale
         words.append(packed)
         qscales.append(kernels.pack_scales(qs))
-        qmax.append(float(scale_max))
+        qmax.append(torch.as_tensor(scale_max, dtype=torch.float32, device=codes.device).reshape(()))
         qgroups += [bits, word_row]
         word_row += int(packed.shape[0])
     device = invperm.device
@@ -191,7 +192,7 @@ def build_qtensor(groups, invperm: torch.Tensor, N: int, bias: torch.Tensor | No
     qt = QTensor(
         torch.cat(words).to(device),
         torch.cat(qscales).to(device),
-        torch.tensor(qmax, dtype=torch.float16, device=device),
+        torch.stack(qmax).to(device, torch.float16),
         torch.tensor(qgroups, dtype=torch.int16, device=device),
         invperm.to(torch.int32).contiguous(),
         None if bias is None else bias.to(device, torch.float16).contiguous(),
