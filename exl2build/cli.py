@@ -282,6 +282,15 @@ def _kv(args: list[str]) -> tuple[dict, list[str]]:
     return known, rest
 
 
+# Numeric settings of generate/chat: key -> (parser, what it must be, an example value).
+_GENERATION_NUMBERS = {
+    "max_new_tokens": (int, "an integer", "256"),
+    "seed": (int, "an integer", "256"),
+    "temperature": (float, "a number", "0.7"),
+    "top_p": (float, "a number", "0.7"),
+}
+
+
 def _eval_command(command: str, args: list[str]) -> int:
     from exl2build.steps.common import call
 
@@ -298,18 +307,12 @@ def _eval_command(command: str, args: list[str]) -> int:
         return int(commands.run_eval(model, rest + [f"{k}={v}" for k, v in known.items()]) or 0)
     if rest:
         raise ConfigError(f"Config error at `{rest[0]}`: not a setting of `exl2build {command}`. Fix: use prompt=, max_new_tokens=, temperature=, top_p=, seed=, device=.")
-    for k in ("max_new_tokens", "seed"):
+    for k, (kind, what, example) in _GENERATION_NUMBERS.items():
         if k in known:
             try:
-                known[k] = int(known[k])
+                known[k] = kind(known[k])
             except ValueError:
-                raise ConfigError(f"Config error at `{k}`: {known[k]!r} is not an integer. Fix: e.g. {k}=256.") from None
-    for k in ("temperature", "top_p"):
-        if k in known:
-            try:
-                known[k] = float(known[k])
-            except ValueError:
-                raise ConfigError(f"Config error at `{k}`: {known[k]!r} is not a number. Fix: e.g. {k}=0.7.") from None
+                raise ConfigError(f"Config error at `{k}`: {known[k]!r} is not {what}. Fix: e.g. {k}={example}.") from None
     if command == "generate":
         prompt = known.pop("prompt", None)
         if prompt is None:
