@@ -134,10 +134,13 @@ class Cache:
 
     # ------------------------------------------------------------ refs and gc
     def set_refs(self, out_dir: str, entries: list[tuple[str, str]]) -> None:
-        refs = self.root / "refs"
-        refs.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(out_dir.encode()).hexdigest()[:16] + ".json"
-        _write_json(refs / name, {"out_dir": out_dir, "entries": sorted(f"{n}/{k}" for n, k in entries)})
+        ref = self._ref_path(out_dir)
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(ref, {"out_dir": out_dir, "entries": sorted(f"{n}/{k}" for n, k in entries)})
+
+    def _ref_path(self, out_dir: str) -> Path:
+        """Where the entries referenced by the last build into out_dir are recorded."""
+        return self.root / "refs" / (hashlib.sha256(out_dir.encode()).hexdigest()[:16] + ".json")
 
     def add_refs(self, out_dir: str, entries: list[tuple[str, str]]) -> None:
         """Reference entries while a build runs, so gc spares a killed build's resumable work."""
@@ -147,7 +150,7 @@ class Cache:
             self.set_refs(out_dir, sorted(old | set(entries)))
 
     def live_refs_of(self, out_dir: str) -> list[str]:
-        ref = self.root / "refs" / (hashlib.sha256(out_dir.encode()).hexdigest()[:16] + ".json")
+        ref = self._ref_path(out_dir)
         return json.loads(ref.read_text())["entries"] if ref.is_file() else []
 
     def live_refs(self) -> set[str]:
