@@ -4,10 +4,11 @@ Measures, in one run:
   * ceilings: device-to-device copy bandwidth (bytes read + written) and fp16 matmul
     TFLOP/s through torch (cuBLAS);
   * exl2_matmul at 2.5 / 4.0 / 6.0 bpw on (K, N) = 4096x4096, 4096x14336, 14336x4096,
-    8192x28672 for M = 1, 8, 32 (fused kernel) and M = 2048 (dequant + torch.matmul), beside
-    the plain fp16 torch.matmul of the same shape; achieved bandwidth = bytes of the packed
-    weights (q_weight + q_scale) / time, and its ratio to the copy bandwidth;
-  * a launch-shape sweep of the fused kernel (columns per thread, K splits) at M = 1;
+    8192x28672 for M = 1, 8, 32 (tensor-core fused kernel, and the SIMT one it replaced) and
+    M = 2048 (dequant + torch.matmul, new and previous dequant), beside the plain fp16
+    torch.matmul of the same shape; achieved bandwidth = bytes of the packed weights
+    (q_weight + q_scale) / time, and its ratio to the copy bandwidth;
+  * a sweep of the tensor-core kernel's K splits at M = 1 and 8;
   * gptq_group (groups of 128 rows) and group_scale_search over whole linears of K rows;
   * logit_stats over [2048, 128256] f16 logits.
 
@@ -33,6 +34,7 @@ from exl2build.format.exl2 import QTensor
 
 C = _native.cuda
 L2_BYTES = 60 << 20
+MATMUL_SIMT = 8  # exl2_matmul_cfg flag: the SIMT fused kernel (the default for f16 is the tensor-core one)
 
 
 def stream() -> int:
@@ -155,29 +157,54 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
     for M in Ms:
         x = (torch.randn(M, K, device="cuda") * 0.5).half()
         y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+        t_alt = t_deq = None
         if M <= 32:
             argsets = [matmul_args(x, qt, y) for qt in qts]
-            it = [0]
 
-            def fn():
-                C.exl2_matmul(*argsets[it[0] % len(argsets)], stream())
-                it[0] += 1
+            def fused(flags):
+                it = [0]
+
+                def fn():
+                    C.exl2_matmul_cfg(*argsets[it[0] % len(argsets)], stream(), 0, 0, flags)
+                    it[0] += 1
+                return fn
 
             inner = 4 * len(argsets) if not quick else len(argsets)
-            t = time_graph(fn, inner)
+            t = time_graph(fused(0), inner)  # the default: tensor-core kernel
+            t_alt = time_graph(fused(MATMUL_SIMT), inner)  # the SIMT kernel of the previous rounds
         else:
-            ws = [torch.empty(K, N, device="cuda", dtype=torch.float16) for _ in range(1)]
-            it = [0]
+            w = torch.empty(K, N, device="cuda", dtype=torch.float16)
 
-            def fn():
-                qt = qts[it[0] % len(qts)]
-                it[0] += 1
+            def deq_units(qt):
+                assert C.dequant_units(qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),
+                                       qt.q_groups.data_ptr(), qt.perm.data_ptr(), w.data_ptr(), K, N,
+                                       qt.q_weight.shape[1], qt.q_scale_max.shape[0], stream())
+
+            def deq_old(qt):
                 C.dequant(qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),
-                          qt.q_groups.data_ptr(), qt.q_invperm.data_ptr(), ws[0].data_ptr(), K, N,
+                          qt.q_groups.data_ptr(), qt.q_invperm.data_ptr(), w.data_ptr(), K, N,
                           qt.q_weight.shape[1], qt.q_scale_max.shape[0], True, stream())
-                torch.matmul(x, ws[0], out=y)
 
-            t = time_events(fn, iters=10 if quick else 20)
+            def with_matmul(deq):
+                it = [0]
+
+                def fn():
+                    deq(qts[it[0] % len(qts)])
+                    it[0] += 1
+                    torch.matmul(x, w, out=y)
+                return fn
+
+            def alone(deq):
+                it = [0]
+
+                def fn():
+                    deq(qts[it[0] % len(qts)])
+                    it[0] += 1
+                return fn
+
+            t = time_events(with_matmul(deq_units), iters=10 if quick else 20)
+            t_alt = time_events(with_matmul(deq_old), iters=10 if quick else 20)
+            t_deq = time_graph(alone(deq_units), 2 * len(qts), repeats=7)
         # fp16 cuBLAS baseline of the same product, also graph-timed over two weight copies
         w16s = [torch.randn(K, N, device="cuda", dtype=torch.float16) for _ in range(2)]
         yb = torch.empty(M, N, device="cuda", dtype=torch.float16)
@@ -194,35 +221,41 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
             "K": K, "N": N, "bpw": bpw, "M": M, "us": t * 1e6, "GBps": bw / 1e9, "copy_ratio": bw / copy_bw,
             "TFLOPs": 2 * M * K * N / t / 1e12, "fp16_us": tb * 1e6, "weight_MB": wb / 1e6,
             "path": "fused" if M <= 32 else "dequant+cuBLAS",
+            # M <= 32: the SIMT fused kernel; M > 32: the previous dequant kernel + cuBLAS
+            "alt_us": t_alt * 1e6,
+            # M > 32: the dequantization alone, and its bandwidth (packed bytes read + fp16 written)
+            "dequant_us": None if t_deq is None else t_deq * 1e6,
+            "dequant_copy_ratio": None if t_deq is None else (wb + 2 * K * N) / t_deq / copy_bw,
         })
         r = rows[-1]
         print(f"{K:>6}x{N:<6} {bpw:>4} bpw M={M:<5} {r['us']:9.1f} us  {r['GBps']:7.0f} GB/s  "
-              f"{100 * r['copy_ratio']:5.1f}% of copy  {r['TFLOPs']:7.2f} TFLOP/s  fp16 cuBLAS {r['fp16_us']:9.1f} us",
+              f"{100 * r['copy_ratio']:5.1f}% of copy  {r['TFLOPs']:7.2f} TFLOP/s  fp16 cuBLAS {r['fp16_us']:9.1f} us  "
+              f"previous kernel {r['alt_us']:9.1f} us" + ("" if t_deq is None else f"  dequant alone {r['dequant_us']:.1f} us "
+              f"({100 * r['dequant_copy_ratio']:.0f}% of copy)"),
               flush=True)
     del qts
 
 
 def sweep_launch_shapes(copy_bw, rows):
-    for (K, N) in [(4096, 14336), (14336, 4096), (4096, 4096)]:
+    """K splits (thread-block cluster size) of the tensor-core kernel at M = 1 and 8, 4.0 bpw."""
+    for (K, N) in [(4096, 14336), (14336, 4096), (4096, 4096), (8192, 28672)]:
         qts = [random_qtensor(K, N, 4.0, seed=77 + i) for i in range(max(2, math.ceil(2 * L2_BYTES / (K * N / 2))))]
-        x = (torch.randn(1, K, device="cuda") * 0.5).half()
-        y = torch.empty(1, N, device="cuda", dtype=torch.float16)
-        argsets = [matmul_args(x, qt, y) for qt in qts]
         wb = weight_bytes(qts[0])
-        for flags in (0, 1, 2, 4):
-            for cpt in (1, 2):
-                for ks in (1, 2, 4, 8):
-                    it = [0]
+        for M in (1, 8):
+            x = (torch.randn(M, K, device="cuda") * 0.5).half()
+            y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+            argsets = [matmul_args(x, qt, y) for qt in qts]
+            for ks in (0, 1, 2, 3, 4, 6, 8):
+                it = [0]
 
-                    def fn():
-                        C.exl2_matmul_cfg(*argsets[it[0] % len(argsets)], stream(), cpt, ks, flags)
-                        it[0] += 1
+                def fn():
+                    C.exl2_matmul_cfg(*argsets[it[0] % len(argsets)], stream(), 0, ks, 0)
+                    it[0] += 1
 
-                    t = time_graph(fn, 4 * len(argsets))
-                    rows.append({"K": K, "N": N, "cpt": cpt, "ks": ks, "flags": flags, "us": t * 1e6,
-                                 "copy_ratio": wb / t / copy_bw})
-                    print(f"sweep {K}x{N} M=1 4.0bpw flags={flags} cpt={cpt} ks={ks}: {t * 1e6:7.1f} us  "
-                          f"{100 * wb / t / copy_bw:5.1f}% of copy", flush=True)
+                t = time_graph(fn, 4 * len(argsets))
+                rows.append({"K": K, "N": N, "M": M, "ks": ks, "us": t * 1e6, "copy_ratio": wb / t / copy_bw})
+                print(f"sweep {K}x{N} M={M} 4.0bpw ks={ks or 'default'}: {t * 1e6:7.1f} us  "
+                      f"{100 * wb / t / copy_bw:5.1f}% of copy", flush=True)
         del qts
 
 
@@ -297,25 +330,25 @@ def markdown(res) -> str:
     L.append("")
     L.append("exl2_matmul (f16 in/out; group size 128; 2.5 bpw = 50% 3-bit + 50% 2-bit). Time = median per call of "
              "CUDA-graph replays, weights rotated over copies larger than L2. GB/s = packed weight bytes "
-             "(q_weight + q_scale) / time. M <= 32: fused kernel; M = 2048: dequant + torch.matmul.")
+             "(q_weight + q_scale) / time. M <= 32: the tensor-core fused kernel (\"previous\" = the SIMT fused "
+             "kernel, same run); M = 2048: unit dequant + torch.matmul (\"previous\" = the old dequant kernel + "
+             "torch.matmul; \"dequant\" = the new dequant alone, % of copy counting packed bytes read + fp16 written).")
     L.append("")
-    L.append("| K x N | bpw | M | path | us | GB/s | % of copy | TFLOP/s | fp16 cuBLAS us |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
+    L.append("| K x N | bpw | M | path | us | GB/s | % of copy | TFLOP/s | fp16 cuBLAS us | previous us | dequant us (% of copy) |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["matmul"]:
+        dq = "" if r.get("dequant_us") is None else f"{r['dequant_us']:.1f} ({100 * r['dequant_copy_ratio']:.0f})"
         L.append(f"| {r['K']}x{r['N']} | {r['bpw']} | {r['M']} | {r['path']} | {r['us']:.1f} | {r['GBps']:.0f} | "
-                 f"{100 * r['copy_ratio']:.1f} | {r['TFLOPs']:.2f} | {r['fp16_us']:.1f} |")
+                 f"{100 * r['copy_ratio']:.1f} | {r['TFLOPs']:.2f} | {r['fp16_us']:.1f} | {r['alt_us']:.1f} | {dq} |")
     L.append("")
     if res.get("sweep"):
-        L.append("Launch-shape sweep of the fused kernel, M = 1, 4.0 bpw (cpt = columns per thread, ks = K splits "
-                 "over a thread-block cluster; flags 0 = default: 2-4 units of loads in flight per warp and an L2 "
-                 "prefetch of its first two units while x is staged; 1 = one unit in flight; 2 = no L2 prefetch; "
-                 "4 = L2 prefetch of all of the warp's units):")
+        L.append("K splits of the tensor-core kernel (ks = blocks of a thread-block cluster sharing one column tile; "
+                 "0 = the default choice), 4.0 bpw:")
         L.append("")
-        L.append("| K x N | flags | cpt | ks | us | % of copy |")
-        L.append("|---|---|---|---|---|---|")
+        L.append("| K x N | M | ks | us | % of copy |")
+        L.append("|---|---|---|---|---|")
         for r in res["sweep"]:
-            L.append(f"| {r['K']}x{r['N']} | {r['flags']} | {r['cpt']} | {r['ks']} | {r['us']:.1f} | "
-                     f"{100 * r['copy_ratio']:.1f} |")
+            L.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['ks']} | {r['us']:.1f} | {100 * r['copy_ratio']:.1f} |")
         L.append("")
     L.append("GPTQ over a whole linear (4-bit, groups of 128 rows):")
     L.append("")
@@ -355,7 +388,8 @@ def sanitize_pass():
         for M in (1, 3, 8, 16, 32):
             x = torch.randn(M, K, device="cuda").half()
             kernels.exl2_matmul(x, qt)
-            for cpt, ks, flags in ((1, 1, 0), (2, 4, 0), (1, 8, 1), (2, 2, 4), (2, 3, 2)):
+            for cpt, ks, flags in ((1, 1, 0), (2, 4, 0), (1, 8, 1), (2, 2, 4), (2, 3, 2), (0, 1, 8), (0, 3, 8),
+                                   (0, 5, 0)):
                 y = torch.empty(M, N, device="cuda", dtype=torch.float16)
                 C.exl2_matmul_cfg(*matmul_args(x, qt, y), stream(), cpt, ks, flags)
     logits = torch.randn(5, 3001, device="cuda").half()
@@ -372,7 +406,7 @@ def profile_pass():
     qt = random_qtensor(4096, 14336, 4.0, seed=3)
     x = (torch.randn(1, 4096, device="cuda") * 0.5).half()
     y = torch.empty(1, 14336, device="cuda", dtype=torch.float16)
-    for flags in (0, 1):
+    for flags in (0, MATMUL_SIMT):
         C.exl2_matmul_cfg(*matmul_args(x, qt, y), stream(), 0, 0, flags)
     torch.cuda.synchronize()
 

@@ -218,6 +218,10 @@ def _validate_qtensor(qt) -> torch.device:
     dev = qt.q_weight.device
     n_pad = (qt.N + 31) // 32 * 32
     _check("q_weight", qt.q_weight, torch.int32, dims=2)
+    if dev.type == "cuda" and qt.q_weight.data_ptr() % 8:
+        raise ValueError(f"q_weight: the CUDA kernels read it in 8-byte words, but its data starts at byte offset "
+                         f"{qt.q_weight.data_ptr() % 8} of a word (a view into another tensor?); pass "
+                         f"q_weight.clone() instead")
     if qt.q_weight.shape[1] != n_pad:
         raise ValueError(f"q_weight: {qt.q_weight.shape[1]} columns, expected N_pad={n_pad} for N={qt.N}")
     G = qt.q_scale_max.shape[0] if qt.q_scale_max.dim() == 1 else -1
@@ -239,6 +243,12 @@ def dequant(qt, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     if dtype not in (torch.float16, torch.float32):
         raise ValueError(f"dequant: dtype {dtype} not supported (float16 or float32)")
     out = torch.empty(qt.K, qt.N, dtype=dtype, device=dev)
+    if dev.type == "cuda" and dtype == torch.float16:
+        # The unit-decoding kernel (q_perm); it declines misaligned tensors and huge group tables.
+        args = [qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(), qt.q_groups.data_ptr(),
+                qt.perm.data_ptr(), out.data_ptr(), qt.K, qt.N, qt.q_weight.shape[1], qt.q_scale_max.shape[0]]
+        if _call("dequant_units", dev, *args):
+            return out
     args = [qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(), qt.q_groups.data_ptr(),
             qt.q_invperm.data_ptr(), out.data_ptr(), qt.K, qt.N, qt.q_weight.shape[1], qt.q_scale_max.shape[0]]
     args.append(dtype == torch.float16)

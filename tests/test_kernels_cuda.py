@@ -308,6 +308,71 @@ def test_exl2_matmul_launch_shapes(cpt, ks, M, flags):
     assert torch.equal(y, y2), "not deterministic"
 
 
+@pytest.mark.parametrize("K,N,layout", LAYOUTS)
+def test_dequant_units_bit_exact(K, N, layout):
+    """The fp16 unit-decoding dequantizer (the large-M path) equals the reference bit for bit."""
+    qt = random_qtensor(K, N, layout, seed=K + N)
+    qd = qt.to(DEV)
+    out = poisoned((K, N), torch.float16, float("nan"))
+    done = _native.cuda.dequant_units(*qt_args(qd), qd.perm.data_ptr(), out.data_ptr(), K, N, qd.n_pad,
+                                      qd.num_groups, stream())
+    torch.cuda.synchronize()
+    assert done
+    assert torch.equal(out.cpu(), kernels_ref.dequant(qt, torch.float16))
+
+
+TC_SIMT = 8  # flags bit: the SIMT kernel even for f16
+
+
+@pytest.mark.parametrize("K,N,layout", LAYOUTS)
+@pytest.mark.parametrize("M", [1, 4, 9, 17, 32])
+def test_exl2_matmul_tensor_core_and_simt_agree_with_reference(K, N, layout, M):
+    """f16 I/O: the tensor-core kernel (default) and the SIMT kernel (forced) both meet the bound."""
+    qt = random_qtensor(K, N, layout, seed=7 * K + N)
+    qd = qt.to(DEV)
+    w32 = kernels_ref.dequant(qt, torch.float32)
+    xh = torch.randn(M, K, generator=gen(M + 2 * K)).half().to(DEV)
+    _check_matmul(_matmul_native(xh, qd, M, (0, 0, 0)), xh, w32, True)
+    _check_matmul(_matmul_native(xh, qd, M, (0, 0, TC_SIMT)), xh, w32, True)
+
+
+@pytest.mark.parametrize("ks", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("M", [1, 3, 8, 16, 32])
+def test_exl2_matmul_tensor_core_k_splits(ks, M):
+    """Every K split of the tensor-core kernel computes the same product, deterministically."""
+    qt, w32 = _launch_shapes_qtensor()
+    qd = qt.to(DEV)
+    xh = torch.randn(M, qt.K, generator=gen(6)).half().to(DEV)
+    y = _matmul_native(xh, qd, M, (0, ks, 0))
+    _check_matmul(y, xh, w32, True)
+    assert torch.equal(y, _matmul_native(xh, qd, M, (0, ks, 0))), "not deterministic"
+
+
+def _shifted_q_weight(qd, words: int):
+    """qd with q_weight moved to a view `words` int32 into a fresh buffer (an odd alignment)."""
+    buf = torch.empty(qd.q_weight.numel() + words, dtype=torch.int32, device=DEV)
+    buf[words:] = qd.q_weight.flatten()
+    qd.q_weight = buf[words:].view_as(qd.q_weight)
+    return qd
+
+
+def test_exl2_matmul_8_byte_aligned_weights_fall_back():
+    """A q_weight 8- but not 16-byte aligned takes the SIMT kernel and the old dequant, correctly."""
+    qt = random_qtensor(256, 96, [(8, 32), (4, 64), (2, 128), (2, 32)], seed=3)
+    qd = _shifted_q_weight(qt.to(DEV), 2)
+    assert qd.q_weight.data_ptr() % 16 == 8
+    xh = torch.randn(3, 256, generator=gen(4)).half().to(DEV)
+    _check_matmul(kernels.exl2_matmul(xh, qd), xh, kernels_ref.dequant(qt, torch.float32), True)
+    assert torch.equal(kernels.dequant(qd).cpu(), kernels_ref.dequant(qt))
+
+
+def test_misaligned_q_weight_is_refused_before_any_kernel():
+    qt = random_qtensor(256, 96, [(8, 32), (4, 64), (2, 128), (2, 32)], seed=3)
+    qd = _shifted_q_weight(qt.to(DEV), 1)
+    with pytest.raises(ValueError, match="q_weight.clone"):
+        kernels.exl2_matmul(torch.randn(1, 256, device=DEV).half(), qd)
+
+
 def test_exl2_matmul_large_m_through_kernels():
     qt = random_qtensor(256, 96, [(8, 32), (4, 64), (2, 128), (2, 32)], seed=1)
     qd = qt.to(DEV)

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels_cuda.cuh"
+#include "matmul_tc.cuh"
 
 namespace py = pybind11;
 using P = std::uintptr_t;
@@ -53,6 +54,14 @@ void register_cuda(py::module_& m) {
                           ptr<const int16_t>(qg), ptr<const int32_t>(invperm), ptr<void>(out), K, N, n_pad, G,
                           out_is_f16, stream);
     }, nogil);
+    // fp16 dequantization by 32-row units (q_perm instead of q_invperm); returns False when it does
+    // not apply (alignment, group table too large), and the caller falls back to "dequant".
+    m.def("dequant_units", [](P qw, P qs, P qsm, P qg, P perm, P out, int64_t K, int64_t N, int64_t n_pad, int64_t G,
+                              P stream) {
+        return exl2cuda::dequant_units(ptr<const int32_t>(qw), ptr<const int32_t>(qs), ptr<const uint16_t>(qsm),
+                                       ptr<const int16_t>(qg), ptr<const int32_t>(perm), ptr<void>(out), K, N, n_pad,
+                                       G, stream, exl2cuda::device_smem_optin());
+    }, nogil);
     m.def("exl2_matmul", [](P x, P qw, P qs, P qsm, P qg, P perm, P y, int64_t M, int64_t K, int64_t N, int64_t n_pad,
                             int64_t G, bool io_is_f16, P stream) {
         exl2cuda::exl2_matmul(ptr<const void>(x), ptr<const int32_t>(qw), ptr<const int32_t>(qs),
@@ -61,7 +70,8 @@ void register_cuda(py::module_& m) {
     }, nogil);
     // Tuning entry for benchmarks/kernels.py: the same kernel with the launch shape forced
     // (cols_per_thread 1 or 2; k_splits 1..8, >1 only on sm_90; 0 = the default choice) and
-    // flags (1 = shallow load pipeline, 2 = no L2 prefetch, 4 = L2 prefetch of all units; 0 = default).
+    // flags (8 = the SIMT kernel for f16 too; SIMT tuning: 1 = shallow load pipeline, 2 = no L2 prefetch,
+    // 4 = L2 prefetch of all units; 0 = default). k_splits applies to both kernels, cols_per_thread to SIMT.
     m.def("exl2_matmul_cfg", [](P x, P qw, P qs, P qsm, P qg, P perm, P y, int64_t M, int64_t K, int64_t N,
                                 int64_t n_pad, int64_t G, bool io_is_f16, P stream, int cols_per_thread, int k_splits,
                                 int flags) {

@@ -22,6 +22,7 @@
 
 #include "common.cuh"
 #include "kernels_cuda.cuh"
+#include "matmul_tc.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -32,6 +33,7 @@ namespace {
 constexpr int MATMUL_SHALLOW = 1;          // one unit of loads in flight per warp (first version)
 constexpr int MATMUL_NO_L2_PREFETCH = 2;   // skip the L2 prefetch of the warp's first units
 constexpr int MATMUL_FULL_L2_PREFETCH = 4; // L2-prefetch all of the warp's units (second version)
+constexpr int MATMUL_SIMT = 8;            // the SIMT kernel even where the tensor-core one applies
 constexpr int PREFETCH_UNITS = 2;          // units prefetched to L2 while x is staged (default)
 
 // Code i (compile-time after unrolling) of a 32-row unit of B words, as 1 + q/2^B.
@@ -507,6 +509,7 @@ void dispatch_mt(int MT, const void* x, const int32_t* qw, const int32_t* qs, co
 
 int device_sm_count() { return dev_info().sms; }
 int device_cc_major() { return dev_info().major; }
+int device_smem_optin() { return dev_info().smem_optin; }
 
 void exl2_matmul(const void* x, const int32_t* q_weight, const int32_t* q_scale, const uint16_t* q_scale_max,
                  const int16_t* q_groups, const int32_t* q_perm, void* y, int64_t M, int64_t K, int64_t N,
@@ -516,6 +519,10 @@ void exl2_matmul(const void* x, const int32_t* q_weight, const int32_t* q_scale,
         throw std::runtime_error("exl2_matmul: sizes out of range");
     if (n_pad % 32) throw std::runtime_error("exl2_matmul: n_pad must be a multiple of 32");
     const DevInfo di = dev_info();
+    if (io_is_f16 && !(flags & MATMUL_SIMT) &&
+        exl2_matmul_tc(x, q_weight, q_scale, q_scale_max, q_groups, q_perm, y, M, K, N, n_pad, G, stream, di.sms,
+                       di.major, di.smem_optin, k_splits))
+        return;
     const int cpt = cols_per_thread > 0 ? (cols_per_thread >= 2 ? 2 : 1) : (n_pad >= 2048 ? 2 : 1);
     int MT = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16;
     const int64_t u_bound = (K + 31) / 32 + G;

@@ -1,0 +1,501 @@
+// Tensor-core EXL2 matmul for f16 activations and small M (decode, short prompts), and an fp16
+// dequantizer (the large-M path: dequantize, then torch.matmul) built on the same decoding.
+//
+// y[M, N] = x[M, K] @ W with W stored as EXL2 (codes packed along the permuted K, groups of
+// bit widths 2..8). The weights are the A operand of mma.sync m16n8k16 (16 output columns x
+// 16 K rows) and x the B operand (16 K rows x 8 tokens), so one instruction multiplies 256
+// weights by up to 8 tokens and the decoding of codes dominates the instruction count.
+//
+// Layout of the work:
+//  * A block owns 64 output columns; its 8 warps split the block's K range by 32-row units;
+//    K is split again over a thread-block cluster (sm_90) and reduced through distributed
+//    shared memory, so the reduction order (and the result) is fixed.
+//  * Lane (gid = lane / 4, t = lane % 4) reads, for every unit, the words of its 8 columns
+//    (base + 4*gid + 0..3 and base + 32 + 4*gid + 0..3: two 16-byte loads per word row, each
+//    load instruction of the warp covering 128 contiguous bytes) that hold rows 8t..8t+7 of
+//    the unit: at most two word rows for any bit width.
+//  * The mma's K slots are a free permutation of the unit's rows, so each lane's 8 codes feed
+//    its own K slots: pair r (0..3) = rows (8t + r, 8t + r + 4) of a column; step 0 of the unit
+//    takes pairs 0 and 1, step 1 pairs 2 and 3. x is staged in shared memory in exactly that
+//    order ([unit][token][t][pair] half2), so a lane's B fragment is one 16-byte load.
+//  * Codes become fp16 by OR-ing them into the mantissa of 1024 (0x6400) and subtracting
+//    1024 + 2^(b-1): the A operand is the exact integer q - 2^(b-1). Accumulation is f32; the
+//    per-group, per-column fp16 scale multiplies the group's partial sum.
+//  * Each warp keeps STAGES units of weight loads in flight across group boundaries (a unit's
+//    loads have the same shape for every bit width); the first ones are issued before x is staged.
+#include <cooperative_groups.h>
+
+#include <algorithm>
+
+#include "common.cuh"
+#include "matmul_tc.cuh"
+
+namespace cg = cooperative_groups;
+
+namespace exl2cuda {
+
+namespace {
+
+constexpr int TC_WARPS = 8;
+constexpr int TC_THREADS = TC_WARPS * 32;
+constexpr int TC_COLS = 64;
+constexpr int TC_STAGES = 3;
+
+__host__ __device__ inline int64_t align4i(int64_t v) { return (v + 3) / 4 * 4; }
+
+// The weight loads of one unit for one lane, and what is needed to finish its group.
+struct Stage {
+    uint4 w[2][2];  // [word row j0, j0 + 1][column chunk 0, 1]
+    uint32_t sc[2]; // q_scale words of the lane's two column chunks
+    int g;          // group of the unit
+};
+
+__device__ __forceinline__ uint4 ldg4(const int32_t* p, bool pred) {
+    return pred ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int k) {
+    return k == 0 ? v.x : (k == 1 ? v.y : (k == 2 ? v.z : v.w));
+}
+
+// Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + code,
+// from the 64-bit window (hi:lo) that starts at the lane's first code.
+template <int B>
+__device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t (&P)[4]) {
+    if constexpr (B == 4) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) P[r] = ((lo >> (4 * r)) & 0x000F000Fu) | 0x64006400u;
+    } else if constexpr (B == 8) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) P[r] = (__byte_perm(lo, hi, r | (r << 4) | ((4 + r) << 8) | ((4 + r) << 12)) & 0x00FF00FFu) | 0x64006400u;
+    } else if constexpr (B == 2) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const uint32_t v = lo >> (2 * r);
+            P[r] = (v & 0x3u) | ((v << 8) & 0x30000u) | 0x64006400u;
+        }
+    } else {
+        constexpr uint32_t mask = (1u << B) - 1u;
+        auto code = [&](int i) -> uint32_t {
+            const int o = i * B;
+            if (o + B <= 32) return (lo >> o) & mask;
+            if (o >= 32) return (hi >> (o - 32)) & mask;
+            return __funnelshift_r(lo, hi, o) & mask;
+        };
+#pragma unroll
+        for (int r = 0; r < 4; ++r) P[r] = code(r) | (code(r + 4) << 16) | 0x64006400u;
+    }
+}
+
+// fp16 pairs 1024 + q -> q - 2^(B-1), exactly.
+template <int B>
+__device__ __forceinline__ uint32_t center(uint32_t p) {
+    constexpr uint32_t bias = (0x6400u | (1u << (B - 1))) * 0x10001u;
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&p), *reinterpret_cast<const __half2*>(&bias));
+    return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// Column k (0..7) of a lane's window pair: chunk k / 4, word k % 4.
+template <int B>
+__device__ __forceinline__ void lane_pairs(const Stage& st, int k, int sh, uint32_t (&P)[4]) {
+    const uint32_t w0 = word_of(st.w[0][k >> 2], k & 3), w1 = word_of(st.w[1][k >> 2], k & 3);
+    decode_pairs<B>(__funnelshift_r(w0, w1, sh), w1 >> sh, P);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) P[r] = center<B>(P[r]);
+}
+
+// Issue the loads of unit u (of group g) for lane t's columns col0 + 0..3 and col1 + 0..3.
+__device__ __forceinline__ void load_unit(Stage& st, const GroupTable& gt, const int32_t* __restrict__ qw,
+                                          const int32_t* __restrict__ qs, int n_pad, int u, int g, int t, int col0,
+                                          int col1, bool v0, bool v1) {
+    const int b = gt.bits[g];
+    const int lu = u - gt.unit[g];
+    const int rows = min(32, gt.row[g + 1] - gt.row[g] - lu * 32);
+    const int words = (rows * b + 31) >> 5;  // a group's short last unit stops at its last word
+    const int j0 = (8 * t * b) >> 5;
+    const bool two = ((8 * t * b) & 31) + 8 * b > 32;
+    const int32_t* p = qw + ((int64_t)gt.qrow[g] + (int64_t)lu * b + j0) * n_pad;
+    st.w[0][0] = ldg4(p + col0, v0 && j0 < words);
+    st.w[0][1] = ldg4(p + col1, v1 && j0 < words);
+    st.w[1][0] = ldg4(p + n_pad + col0, v0 && two && j0 + 1 < words);
+    st.w[1][1] = ldg4(p + n_pad + col1, v1 && two && j0 + 1 < words);
+    const int32_t* s = qs + (int64_t)g * (n_pad / 8);
+    st.sc[0] = v0 ? (uint32_t)__ldg(s + (col0 >> 3)) : 0u;
+    st.sc[1] = v1 ? (uint32_t)__ldg(s + (col1 >> 3)) : 0u;
+}
+
+// The scale of the lane's column k (0..7) from its two q_scale words.
+__device__ __forceinline__ float lane_scale(const Stage& st, int gid, int k, __half smax) {
+    const int sh = (gid & 1) * 16 + 4 * (k & 3);
+    return exl2_scale((int)((st.sc[k >> 2] >> sh) & 15u) + 1, smax);
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// One unit: tmp[i][tau] += A(tile i) x B(token tile tau) over the unit's 32 rows.
+template <int B, int NT>
+__device__ __forceinline__ void mma_unit(const Stage& st, int t, const uint4 (&xb)[NT], float (&tmp)[4][NT][4]) {
+    const int sh = (8 * t * B) & 31;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        uint32_t PA[4], PB[4];
+        lane_pairs<B>(st, 2 * i, sh, PA);
+        lane_pairs<B>(st, 2 * i + 1, sh, PB);
+#pragma unroll
+        for (int tau = 0; tau < NT; ++tau) {
+            mma16816(tmp[i][tau], PA[0], PB[0], PA[1], PB[1], xb[tau].x, xb[tau].y);
+            mma16816(tmp[i][tau], PA[2], PB[2], PA[3], PB[3], xb[tau].z, xb[tau].w);
+        }
+    }
+}
+
+template <int MT>
+__global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_kernel(
+    const __half* __restrict__ x, const int32_t* __restrict__ qw, const int32_t* __restrict__ qs,
+    const __half* __restrict__ qsm, const int16_t* __restrict__ qg, const int32_t* __restrict__ perm,
+    __half* __restrict__ y, int M, int K, int N, int n_pad, int G, int ks) {
+    constexpr int NT = (MT + 7) / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    int* tbl = reinterpret_cast<int*>(smem_raw);
+    __half* xs = reinterpret_cast<__half*>(tbl + align4i(group_table_ints(G)));
+    const GroupTable gt = build_group_table(qg, G, K, tbl);
+
+    const int U = gt.unit[G];
+    const int rank = blockIdx.y;
+    const int ub = (int)((int64_t)U * rank / ks), ue = (int)((int64_t)U * (rank + 1) / ks);
+    const int m0 = blockIdx.z * MT;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
+    const int wu0 = ub + (int)((int64_t)(ue - ub) * warp / TC_WARPS);
+    const int wu1 = ub + (int)((int64_t)(ue - ub) * (warp + 1) / TC_WARPS);
+    const int base = blockIdx.x * TC_COLS;
+    const int col0 = base + 4 * gid, col1 = base + 32 + 4 * gid;
+    const bool v0 = col0 < n_pad, v1 = col1 < n_pad;
+
+    // Issue the loads of unit u (group g) into st; nothing when u is past the warp's range.
+    auto issue = [&](Stage& st, int u, int g) {
+        st.g = g;
+        if (u < wu1) load_unit(st, gt, qw, qs, n_pad, u, g, t, col0, col1, v0, v1);
+    };
+
+    Stage st[TC_STAGES];
+    int pu = wu0;  // next unit to load
+    int pg = (wu1 > wu0) ? find_le(gt.unit, G, wu0) : 0;
+#pragma unroll
+    for (int s = 0; s < TC_STAGES; ++s) {
+        while (pu < wu1 && gt.unit[pg + 1] <= pu) ++pg;
+        issue(st[s], pu, pg);
+        ++pu;
+    }
+
+    // Stage x[m0 + m, perm[row]] as fp16 in fragment order: xs[(lu * MT + m) * 4 + t][pair r][lo/hi],
+    // row = unit row 8t + r + 4*hi; rows past the group's end are 0 (their codes meet a zero x).
+    // All perm loads of a chunk are issued before its x loads: two round trips per chunk, and one
+    // chunk covers the block's rows for M = 1 (this prologue is on the critical path of a decode).
+    {
+        constexpr int CH = MT >= 16 ? 1 : 16 / MT;  // rows per thread per chunk
+        const int total = (ue - ub) * 32;
+        for (int c0 = 0; c0 < total; c0 += CH * TC_THREADS) {
+            int src[CH], dst[CH];
+#pragma unroll
+            for (int q = 0; q < CH; ++q) {
+                const int idx = c0 + q * TC_THREADS + (int)threadIdx.x;
+                src[q] = -1;
+                dst[q] = -1;
+                if (idx < total) {
+                    const int lu = idx >> 5, i = idx & 31;
+                    const int u = ub + lu;
+                    const int g = find_le(gt.unit, G, u);
+                    const int row = gt.row[g] + (u - gt.unit[g]) * 32 + i;
+                    if (row < gt.row[g + 1]) src[q] = __ldg(perm + row);
+                    dst[q] = ((lu * MT) * 4 + (i >> 3)) * 8 + (i & 3) * 2 + ((i >> 2) & 1);
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                __half v[CH];
+#pragma unroll
+                for (int q = 0; q < CH; ++q)
+                    v[q] = (src[q] >= 0 && m0 + m < M) ? __ldg(x + (int64_t)(m0 + m) * K + src[q]) : __float2half(0.0f);
+#pragma unroll
+                for (int q = 0; q < CH; ++q)
+                    if (dst[q] >= 0) xs[dst[q] + m * 32] = v[q];
+            }
+        }
+    }
+    __syncthreads();
+
+    float acc[4][NT][4], tmp[4][NT][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int tau = 0; tau < NT; ++tau)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][tau][e] = tmp[i][tau][e] = 0.0f;
+
+    const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
+    for (int u = wu0; u < wu1; u += TC_STAGES) {
+#pragma unroll
+        for (int s = 0; s < TC_STAGES; ++s) {
+            const int uu = u + s;
+            if (uu < wu1) {
+                const int g = st[s].g;
+                uint4 xb[NT];
+#pragma unroll
+                for (int tau = 0; tau < NT; ++tau) {
+                    const int m = 8 * tau + gid;
+                    xb[tau] = (m < MT) ? xs4[((int64_t)(uu - ub) * MT + m) * 4 + t] : make_uint4(0u, 0u, 0u, 0u);
+                }
+                switch (gt.bits[g]) {
+                    case 2: mma_unit<2, NT>(st[s], t, xb, tmp); break;
+                    case 3: mma_unit<3, NT>(st[s], t, xb, tmp); break;
+                    case 4: mma_unit<4, NT>(st[s], t, xb, tmp); break;
+                    case 5: mma_unit<5, NT>(st[s], t, xb, tmp); break;
+                    case 6: mma_unit<6, NT>(st[s], t, xb, tmp); break;
+                    case 8: mma_unit<8, NT>(st[s], t, xb, tmp); break;
+                    default: break;
+                }
+                if (uu + 1 == gt.unit[g + 1] || uu + 1 == wu1) {
+                    // The group's partial sums times its per-column scales.
+                    const __half smax = qsm[g];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const float sa = lane_scale(st[s], gid, 2 * i, smax);
+                        const float sb = lane_scale(st[s], gid, 2 * i + 1, smax);
+#pragma unroll
+                        for (int tau = 0; tau < NT; ++tau) {
+                            acc[i][tau][0] = fmaf(tmp[i][tau][0], sa, acc[i][tau][0]);
+                            acc[i][tau][1] = fmaf(tmp[i][tau][1], sa, acc[i][tau][1]);
+                            acc[i][tau][2] = fmaf(tmp[i][tau][2], sb, acc[i][tau][2]);
+                            acc[i][tau][3] = fmaf(tmp[i][tau][3], sb, acc[i][tau][3]);
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) tmp[i][tau][e] = 0.0f;
+                        }
+                    }
+                }
+                while (pu < wu1 && gt.unit[pg + 1] <= pu) ++pg;
+                issue(st[s], pu, pg);
+                ++pu;
+            }
+        }
+    }
+
+    // Reduce the warps' sums (shared memory), then the cluster's blocks (distributed shared memory).
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(xs);  // [warp][MT][64]
+    constexpr int NO = MT * TC_COLS;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int tau = 0; tau < NT; ++tau)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int m = 8 * tau + 2 * t + (e & 1);
+                const int k = 2 * i + (e >> 1);  // the lane's column k: chunk k / 4, word k % 4
+                const int col = (k < 4 ? 0 : 32) + 4 * gid + (k & 3);
+                if (m < MT) red[(warp * MT + m) * TC_COLS + col] = acc[i][tau][e];
+            }
+    __syncthreads();
+    float* part = red + TC_WARPS * NO;
+    for (int i = threadIdx.x; i < NO; i += TC_THREADS) {
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < TC_WARPS; ++w) v += red[w * NO + i];
+        part[i] = v;
+    }
+    auto write_out = [&](int i, float v) {
+        const int m = i / TC_COLS, nn = base + i % TC_COLS, mm = m0 + m;
+        if (mm < M && nn < N) y[(int64_t)mm * N + nn] = __float2half_rn(v);
+    };
+    if (ks == 1) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < NO; i += TC_THREADS) write_out(i, part[i]);
+    } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        cg::cluster_group cl = cg::this_cluster();
+        cl.sync();
+        const int r = (int)cl.block_rank();
+        for (int i = threadIdx.x; i < NO; i += TC_THREADS) {
+            if (i % ks != r) continue;
+            float v = 0.0f;
+            for (int q = 0; q < ks; ++q) v += cl.map_shared_rank(part, q)[i];
+            write_out(i, v);
+        }
+        cl.sync();
+#endif
+    }
+}
+
+
+// Dequantization to fp16 W^T [K, N] (original row order) with the same unit decoding: a warp
+// decodes one 32-row unit of 64 columns and writes row perm[r] of each of its rows r.
+template <int B>
+__device__ __forceinline__ void decode_unit(const Stage& st, int t, uint32_t (&P)[8][4]) {
+    const int sh = (8 * t * B) & 31;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) lane_pairs<B>(st, k, sh, P[k]);
+}
+
+__global__ void __launch_bounds__(TC_THREADS) dequant_units_kernel(
+    const int32_t* __restrict__ qw, const int32_t* __restrict__ qs, const __half* __restrict__ qsm,
+    const int16_t* __restrict__ qg, const int32_t* __restrict__ perm, __half* __restrict__ out, int K, int N,
+    int n_pad, int G) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const GroupTable gt = build_group_table(qg, G, K, reinterpret_cast<int*>(smem_raw));
+    const int U = gt.unit[G];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
+    const int base = blockIdx.x * TC_COLS;
+    const int col0 = base + 4 * gid, col1 = base + 32 + 4 * gid;
+    const bool v0 = col0 < n_pad, v1 = col1 < n_pad;
+    const bool vec = (N & 3) == 0;
+    for (int u = blockIdx.y * TC_WARPS + warp; u < U; u += gridDim.y * TC_WARPS) {
+        const int g = find_le(gt.unit, G, u);
+        Stage st;
+        load_unit(st, gt, qw, qs, n_pad, u, g, t, col0, col1, v0, v1);
+        const int row0 = gt.row[g] + (u - gt.unit[g]) * 32, rend = gt.row[g + 1];
+        int orow[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {  // rows 8t + r + 4*hh for q = r + 4*hh
+            const int row = row0 + 8 * t + q;
+            orow[q] = row < rend ? __ldg(perm + row) : -1;
+        }
+        uint32_t P[8][4];
+        switch (gt.bits[g]) {
+            case 2: decode_unit<2>(st, t, P); break;
+            case 3: decode_unit<3>(st, t, P); break;
+            case 4: decode_unit<4>(st, t, P); break;
+            case 5: decode_unit<5>(st, t, P); break;
+            case 6: decode_unit<6>(st, t, P); break;
+            case 8: decode_unit<8>(st, t, P); break;
+            default: break;
+        }
+        const __half smax = qsm[g];
+        float sc[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) sc[k] = lane_scale(st, gid, k, smax);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+            if (orow[q] < 0) continue;
+            const int r = q & 3, hh = q >> 2;
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int col = c ? col1 : col0;
+                __half h[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const __half2 pr = *reinterpret_cast<const __half2*>(&P[4 * c + j][r]);
+                    const float v = __half2float(hh ? __high2half(pr) : __low2half(pr));
+                    h[j] = __float2half_rn(v * sc[4 * c + j]);  // as the reference: f32 product, one rounding
+                }
+                __half* dst = out + (int64_t)orow[q] * N + col;
+                if (vec && col + 3 < N) {
+                    uint2 w;
+                    w.x = (uint32_t)__half_as_ushort(h[0]) | ((uint32_t)__half_as_ushort(h[1]) << 16);
+                    w.y = (uint32_t)__half_as_ushort(h[2]) | ((uint32_t)__half_as_ushort(h[3]) << 16);
+                    *reinterpret_cast<uint2*>(dst) = w;
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)
+                        if (col + j < N) dst[j] = h[j];
+                }
+            }
+        }
+    }
+}
+
+template <int MT>
+void launch_tc(const __half* x, const int32_t* qw, const int32_t* qs, const __half* qsm, const int16_t* qg,
+               const int32_t* perm, __half* y, int M, int K, int N, int n_pad, int G, int ks, int ztiles,
+               size_t smem, cudaStream_t st) {
+    auto kern = exl2_matmul_tc_kernel<MT>;
+    if (smem > 48 * 1024)
+        check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)cdiv(n_pad, TC_COLS), (unsigned)ks, (unsigned)ztiles);
+    cfg.blockDim = dim3(TC_THREADS, 1, 1);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    if (ks > 1) {
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = 1;
+        attr[0].val.clusterDim.y = ks;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    check(cudaLaunchKernelEx(&cfg, kern, x, qw, qs, qsm, qg, perm, y, M, K, N, n_pad, G, ks), "exl2_matmul");
+    check_launch("exl2_matmul");
+}
+
+}  // namespace
+
+bool exl2_matmul_tc(const void* x, const int32_t* q_weight, const int32_t* q_scale, const uint16_t* q_scale_max,
+                    const int16_t* q_groups, const int32_t* q_perm, void* y, int64_t M, int64_t K, int64_t N,
+                    int64_t n_pad, int64_t G, uintptr_t stream, int sms, int cc_major, int smem_optin, int k_splits) {
+    if (cc_major < 8 || M <= 0 || M > 32) return false;
+    if (reinterpret_cast<uintptr_t>(q_weight) % 16) return false;  // 16-byte weight loads
+    const int MT = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16;
+    const int ztiles = (int)cdiv(M, MT);
+    const int64_t ntiles = cdiv(n_pad, TC_COLS);
+    const int64_t u_bound = (K + 31) / 32 + G;
+    const int ks_max = cc_major >= 9 ? 8 : 1;
+    int ks = 1;
+    if (k_splits > 0) {
+        ks = std::min(k_splits, ks_max);
+    } else if (ks_max > 1) {
+        // About 1.5 blocks per SM (H200 sweep, benchmarks/RESULTS.md: 4096x14336 best at ks = 1,
+        // 14336x4096 at 3, 4096x4096 at 2-3); at least two units per warp.
+        ks = (int)std::min<int64_t>(ks_max, std::max<int64_t>(1, (3LL * sms + ntiles * ztiles) / (2 * ntiles * ztiles)));
+        ks = (int)std::min<int64_t>(ks, std::max<int64_t>(1, u_bound / (2 * TC_WARPS)));
+    }
+    const int64_t tbl_bytes = align4i(group_table_ints(G)) * 4;
+    auto smem_for = [&](int k) {
+        const int64_t units = cdiv(u_bound, k);
+        const int64_t xs_bytes = std::max<int64_t>(units * 32 * MT * 2, (int64_t)TC_WARPS * MT * TC_COLS * 4);
+        return (size_t)(tbl_bytes + align4i(xs_bytes) + (int64_t)MT * TC_COLS * 4);
+    };
+    while (smem_for(ks) > (size_t)smem_optin && ks < ks_max) ++ks;
+    const size_t smem = smem_for(ks);
+    if (smem > (size_t)smem_optin) return false;
+    const __half* xh = reinterpret_cast<const __half*>(x);
+    const __half* sm = reinterpret_cast<const __half*>(q_scale_max);
+    __half* yh = reinterpret_cast<__half*>(y);
+    cudaStream_t st = as_stream(stream);
+    const int iM = (int)M, iK = (int)K, iN = (int)N, iNp = (int)n_pad, iG = (int)G;
+    switch (MT) {
+        case 1: launch_tc<1>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, st); break;
+        case 2: launch_tc<2>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, st); break;
+        case 4: launch_tc<4>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, st); break;
+        case 8: launch_tc<8>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, st); break;
+        default: launch_tc<16>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, st); break;
+    }
+    return true;
+}
+
+bool dequant_units(const int32_t* q_weight, const int32_t* q_scale, const uint16_t* q_scale_max,
+                   const int16_t* q_groups, const int32_t* q_perm, void* out, int64_t K, int64_t N, int64_t n_pad,
+                   int64_t G, uintptr_t stream, int smem_optin) {
+    if (K <= 0 || N <= 0) return true;
+    if (reinterpret_cast<uintptr_t>(q_weight) % 16 || reinterpret_cast<uintptr_t>(out) % 8) return false;
+    const size_t smem = (size_t)align4i(group_table_ints(G)) * 4;
+    if (smem > (size_t)smem_optin) return false;
+    if (smem > 48 * 1024)
+        check(cudaFuncSetAttribute(dequant_units_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+              "dequant");
+    const int64_t units = (K + 31) / 32 + G;
+    const dim3 grid((unsigned)cdiv(n_pad, TC_COLS), (unsigned)std::min<int64_t>(65535, cdiv(units, TC_WARPS)));
+    dequant_units_kernel<<<grid, TC_THREADS, smem, as_stream(stream)>>>(
+        q_weight, q_scale, reinterpret_cast<const __half*>(q_scale_max), q_groups, q_perm,
+        reinterpret_cast<__half*>(out), (int)K, (int)N, (int)n_pad, (int)G);
+    check_launch("dequant");
+    return true;
+}
+
+}  // namespace exl2cuda
