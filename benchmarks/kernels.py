@@ -34,7 +34,8 @@ from exl2build.format.exl2 import QTensor
 
 C = _native.cuda
 L2_BYTES = 60 << 20
-MATMUL_SIMT = 8  # exl2_matmul_cfg flag: the SIMT fused kernel (the default for f16 is the tensor-core one)
+MATMUL_SIMT = 8  # exl2_matmul_cfg flags: the SIMT fused kernel
+MATMUL_TC = 16  # the tensor-core fused kernel (the default for f16 at M >= 2)
 
 
 def stream() -> int:
@@ -170,7 +171,7 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
                 return fn
 
             inner = 4 * len(argsets) if not quick else len(argsets)
-            t = time_graph(fused(0), inner)  # the default: tensor-core kernel
+            t = time_graph(fused(MATMUL_TC), inner)  # the tensor-core kernel
             t_alt = time_graph(fused(MATMUL_SIMT), inner)  # the SIMT kernel of the previous rounds
         else:
             w = torch.empty(K, N, device="cuda", dtype=torch.float16)
@@ -249,7 +250,7 @@ def sweep_launch_shapes(copy_bw, rows):
                 it = [0]
 
                 def fn():
-                    C.exl2_matmul_cfg(*argsets[it[0] % len(argsets)], stream(), 0, ks, 0)
+                    C.exl2_matmul_cfg(*argsets[it[0] % len(argsets)], stream(), 0, ks, MATMUL_TC)
                     it[0] += 1
 
                 t = time_graph(fn, 4 * len(argsets))
@@ -389,7 +390,7 @@ def sanitize_pass():
             x = torch.randn(M, K, device="cuda").half()
             kernels.exl2_matmul(x, qt)
             for cpt, ks, flags in ((1, 1, 0), (2, 4, 0), (1, 8, 1), (2, 2, 4), (2, 3, 2), (0, 1, 8), (0, 3, 8),
-                                   (0, 5, 0)):
+                                   (0, 5, 16), (0, 0, 16)):
                 y = torch.empty(M, N, device="cuda", dtype=torch.float16)
                 C.exl2_matmul_cfg(*matmul_args(x, qt, y), stream(), cpt, ks, flags)
     logits = torch.randn(5, 3001, device="cuda").half()
@@ -406,7 +407,7 @@ def profile_pass():
     qt = random_qtensor(4096, 14336, 4.0, seed=3)
     x = (torch.randn(1, 4096, device="cuda") * 0.5).half()
     y = torch.empty(1, 14336, device="cuda", dtype=torch.float16)
-    for flags in (0, MATMUL_SIMT):
+    for flags in (MATMUL_TC, MATMUL_SIMT):
         C.exl2_matmul_cfg(*matmul_args(x, qt, y), stream(), 0, 0, flags)
     torch.cuda.synchronize()
 

@@ -322,6 +322,7 @@ def test_dequant_units_bit_exact(K, N, layout):
 
 
 TC_SIMT = 8  # flags bit: the SIMT kernel even for f16
+TC_FORCE = 16  # flags bit: the tensor-core kernel also at M = 1
 
 
 @pytest.mark.parametrize("K,N,layout", LAYOUTS)
@@ -332,7 +333,7 @@ def test_exl2_matmul_tensor_core_and_simt_agree_with_reference(K, N, layout, M):
     qd = qt.to(DEV)
     w32 = kernels_ref.dequant(qt, torch.float32)
     xh = torch.randn(M, K, generator=gen(M + 2 * K)).half().to(DEV)
-    _check_matmul(_matmul_native(xh, qd, M, (0, 0, 0)), xh, w32, True)
+    _check_matmul(_matmul_native(xh, qd, M, (0, 0, TC_FORCE)), xh, w32, True)
     _check_matmul(_matmul_native(xh, qd, M, (0, 0, TC_SIMT)), xh, w32, True)
 
 
@@ -343,9 +344,9 @@ def test_exl2_matmul_tensor_core_k_splits(ks, M):
     qt, w32 = _launch_shapes_qtensor()
     qd = qt.to(DEV)
     xh = torch.randn(M, qt.K, generator=gen(6)).half().to(DEV)
-    y = _matmul_native(xh, qd, M, (0, ks, 0))
+    y = _matmul_native(xh, qd, M, (0, ks, TC_FORCE))
     _check_matmul(y, xh, w32, True)
-    assert torch.equal(y, _matmul_native(xh, qd, M, (0, ks, 0))), "not deterministic"
+    assert torch.equal(y, _matmul_native(xh, qd, M, (0, ks, TC_FORCE))), "not deterministic"
 
 
 def _shifted_q_weight(qd, words: int):

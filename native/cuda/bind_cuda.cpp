@@ -70,7 +70,7 @@ void register_cuda(py::module_& m) {
     }, nogil);
     // Tuning entry for benchmarks/kernels.py: the same kernel with the launch shape forced
     // (cols_per_thread 1 or 2; k_splits 1..8, >1 only on sm_90; 0 = the default choice) and
-    // flags (8 = the SIMT kernel for f16 too; SIMT tuning: 1 = shallow load pipeline, 2 = no L2 prefetch,
+    // flags (8 = the SIMT kernel for f16 too, 16 = the tensor-core kernel also at M = 1; SIMT tuning: 1 = shallow load pipeline, 2 = no L2 prefetch,
     // 4 = L2 prefetch of all units; 0 = default). k_splits applies to both kernels, cols_per_thread to SIMT.
     m.def("exl2_matmul_cfg", [](P x, P qw, P qs, P qsm, P qg, P perm, P y, int64_t M, int64_t K, int64_t N,
                                 int64_t n_pad, int64_t G, bool io_is_f16, P stream, int cols_per_thread, int k_splits,

@@ -25,8 +25,8 @@ void dequant(const int32_t* q_weight, const int32_t* q_scale, const uint16_t* q_
              int64_t n_pad, int64_t G, bool out_is_f16, uintptr_t stream);
 
 // cols_per_thread (1 or 2) and k_splits (1..8, >1 needs sm_90 clusters): 0 = choose.
-// f16 x with 1 <= M <= 32 on sm_80+ runs the tensor-core kernel (matmul_tc.cu) unless flags has 8;
-// the SIMT kernel otherwise. flags (SIMT tuning): 1 = one unit of loads in flight per warp, 2 = no L2 prefetch, 4 = L2 prefetch of
+// f16 x with 2 <= M <= 32 on sm_80+ runs the tensor-core kernel (matmul_tc.cu), M = 1 and f32 the
+// SIMT kernel; flags 8 forces SIMT, 16 the tensor-core kernel (also at M = 1). flags (SIMT tuning): 1 = one unit of loads in flight per warp, 2 = no L2 prefetch, 4 = L2 prefetch of
 // every unit of the warp (default: the first two units only); 0 = default.
 void exl2_matmul(const void* x, const int32_t* q_weight, const int32_t* q_scale, const uint16_t* q_scale_max,
                  const int16_t* q_groups, const int32_t* q_perm, void* y, int64_t M, int64_t K, int64_t N,

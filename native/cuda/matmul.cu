@@ -34,6 +34,7 @@ constexpr int MATMUL_SHALLOW = 1;          // one unit of loads in flight per wa
 constexpr int MATMUL_NO_L2_PREFETCH = 2;   // skip the L2 prefetch of the warp's first units
 constexpr int MATMUL_FULL_L2_PREFETCH = 4; // L2-prefetch all of the warp's units (second version)
 constexpr int MATMUL_SIMT = 8;            // the SIMT kernel even where the tensor-core one applies
+constexpr int MATMUL_TC = 16;             // the tensor-core kernel wherever it applies (also M = 1)
 constexpr int PREFETCH_UNITS = 2;          // units prefetched to L2 while x is staged (default)
 
 // Code i (compile-time after unrolling) of a 32-row unit of B words, as 1 + q/2^B.
@@ -519,7 +520,10 @@ void exl2_matmul(const void* x, const int32_t* q_weight, const int32_t* q_scale,
         throw std::runtime_error("exl2_matmul: sizes out of range");
     if (n_pad % 32) throw std::runtime_error("exl2_matmul: n_pad must be a multiple of 32");
     const DevInfo di = dev_info();
-    if (io_is_f16 && !(flags & MATMUL_SIMT) &&
+    // M = 1 stays on the SIMT kernel: on the H200 it beat the tensor-core kernel there (28 vs 35 us
+    // at 4096x14336, 4.0 bpw; benchmarks/RESULTS.md), while the tensor-core kernel wins 2-3.6x at M >= 8.
+    const bool want_tc = (flags & MATMUL_TC) || (M >= 2 && !(flags & MATMUL_SIMT));
+    if (io_is_f16 && want_tc &&
         exl2_matmul_tc(x, q_weight, q_scale, q_scale_max, q_groups, q_perm, y, M, K, N, n_pad, G, stream, di.sms,
                        di.major, di.smem_optin, k_splits))
         return;
