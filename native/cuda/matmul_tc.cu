@@ -47,7 +47,6 @@ __host__ __device__ inline int64_t align4i(int64_t v) { return (v + 3) / 4 * 4; 
 struct Stage {
     uint4 w[2][2];  // [word row j0, j0 + 1][column chunk 0, 1]
     uint32_t sc[2]; // q_scale words of the lane's two column chunks
-    int g;          // group of the unit
 };
 
 __device__ __forceinline__ uint4 ldg4(const int32_t* p, bool pred) {
@@ -156,6 +155,36 @@ __device__ __forceinline__ void mma_unit(const Stage& st, int t, const uint4 (&x
     }
 }
 
+// What a warp needs to know about one 32-row unit, built once per block in shared memory so the
+// main loop spends one 16-byte shared load per unit on bookkeeping:
+// x = first word row of the unit in q_weight, y = first permuted K row,
+// z = bits | words << 4 | rows << 10 | (last unit of its group) << 16, w = group | q_scale_max bits << 16.
+__device__ __forceinline__ int4 unit_meta(const GroupTable& gt, const __half* __restrict__ qsm, int G, int u) {
+    const int g = find_le(gt.unit, G, u);
+    const int b = gt.bits[g], lu = u - gt.unit[g];
+    const int rows = min(32, gt.row[g + 1] - gt.row[g] - lu * 32);
+    const int words = (rows * b + 31) >> 5;  // a group's short last unit stops at its last word
+    const int last = (u + 1 == gt.unit[g + 1]) ? 1 : 0;
+    return make_int4(gt.qrow[g] + lu * b, gt.row[g] + lu * 32, b | (words << 4) | (rows << 10) | (last << 16),
+                     g | ((int)__half_as_ushort(qsm[g]) << 16));
+}
+
+__device__ __forceinline__ void load_unit_meta(Stage& st, const int4 um, const int32_t* __restrict__ qw,
+                                               const int32_t* __restrict__ qs, int n_pad, int t, int col0, int col1,
+                                               bool v0, bool v1) {
+    const int b = um.z & 15, words = (um.z >> 4) & 63, g = um.w & 0xFFFF;
+    const int j0 = (8 * t * b) >> 5;
+    const bool two = ((8 * t * b) & 31) + 8 * b > 32;
+    const int32_t* p = qw + ((int64_t)um.x + j0) * n_pad;
+    st.w[0][0] = ldg4(p + col0, v0 && j0 < words);
+    st.w[0][1] = ldg4(p + col1, v1 && j0 < words);
+    st.w[1][0] = ldg4(p + n_pad + col0, v0 && two && j0 + 1 < words);
+    st.w[1][1] = ldg4(p + n_pad + col1, v1 && two && j0 + 1 < words);
+    const int32_t* s = qs + (int64_t)g * (n_pad / 8);
+    st.sc[0] = v0 ? (uint32_t)__ldg(s + (col0 >> 3)) : 0u;
+    st.sc[1] = v1 ? (uint32_t)__ldg(s + (col1 >> 3)) : 0u;
+}
+
 template <int MT>
 __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_kernel(
     const __half* __restrict__ x, const int32_t* __restrict__ qw, const int32_t* __restrict__ qs,
@@ -164,35 +193,29 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
     constexpr int NT = (MT + 7) / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     int* tbl = reinterpret_cast<int*>(smem_raw);
-    __half* xs = reinterpret_cast<__half*>(tbl + align4i(group_table_ints(G)));
     const GroupTable gt = build_group_table(qg, G, K, tbl);
 
     const int U = gt.unit[G];
     const int rank = blockIdx.y;
     const int ub = (int)((int64_t)U * rank / ks), ue = (int)((int64_t)U * (rank + 1) / ks);
+    const int nu = ue - ub;
+    int4* umeta = reinterpret_cast<int4*>(tbl + align4i(group_table_ints(G)));
+    __half* xs = reinterpret_cast<__half*>(umeta + nu);
     const int m0 = blockIdx.z * MT;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
-    const int wu0 = ub + (int)((int64_t)(ue - ub) * warp / TC_WARPS);
-    const int wu1 = ub + (int)((int64_t)(ue - ub) * (warp + 1) / TC_WARPS);
+    const int wu0 = ub + (int)((int64_t)nu * warp / TC_WARPS);
+    const int wu1 = ub + (int)((int64_t)nu * (warp + 1) / TC_WARPS);
     const int base = blockIdx.x * TC_COLS;
     const int col0 = base + 4 * gid, col1 = base + 32 + 4 * gid;
     const bool v0 = col0 < n_pad, v1 = col1 < n_pad;
 
-    // Issue the loads of unit u (group g) into st; nothing when u is past the warp's range.
-    auto issue = [&](Stage& st, int u, int g) {
-        st.g = g;
-        if (u < wu1) load_unit(st, gt, qw, qs, n_pad, u, g, t, col0, col1, v0, v1);
-    };
+    for (int lu = threadIdx.x; lu < nu; lu += TC_THREADS) umeta[lu] = unit_meta(gt, qsm, G, ub + lu);
+    __syncthreads();
 
     Stage st[TC_STAGES];
-    int pu = wu0;  // next unit to load
-    int pg = (wu1 > wu0) ? find_le(gt.unit, G, wu0) : 0;
 #pragma unroll
-    for (int s = 0; s < TC_STAGES; ++s) {
-        while (pu < wu1 && gt.unit[pg + 1] <= pu) ++pg;
-        issue(st[s], pu, pg);
-        ++pu;
-    }
+    for (int s = 0; s < TC_STAGES; ++s)
+        if (wu0 + s < wu1) load_unit_meta(st[s], umeta[wu0 + s - ub], qw, qs, n_pad, t, col0, col1, v0, v1);
 
     // Stage x[m0 + m, perm[row]] as fp16 in fragment order: xs[(lu * MT + m) * 4 + t][pair r][lo/hi],
     // row = unit row 8t + r + 4*hi; rows past the group's end are 0 (their codes meet a zero x).
@@ -200,7 +223,7 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
     // chunk covers the block's rows for M = 1 (this prologue is on the critical path of a decode).
     {
         constexpr int CH = MT >= 16 ? 1 : 16 / MT;  // rows per thread per chunk
-        const int total = (ue - ub) * 32;
+        const int total = nu * 32;
         for (int c0 = 0; c0 < total; c0 += CH * TC_THREADS) {
             int src[CH], dst[CH];
 #pragma unroll
@@ -210,10 +233,8 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
                 dst[q] = -1;
                 if (idx < total) {
                     const int lu = idx >> 5, i = idx & 31;
-                    const int u = ub + lu;
-                    const int g = find_le(gt.unit, G, u);
-                    const int row = gt.row[g] + (u - gt.unit[g]) * 32 + i;
-                    if (row < gt.row[g + 1]) src[q] = __ldg(perm + row);
+                    const int4 um = umeta[lu];
+                    if (i < ((um.z >> 10) & 63)) src[q] = __ldg(perm + um.y + i);
                     dst[q] = ((lu * MT) * 4 + (i >> 3)) * 8 + (i & 3) * 2 + ((i >> 2) & 1);
                 }
             }
@@ -240,19 +261,20 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
             for (int e = 0; e < 4; ++e) acc[i][tau][e] = tmp[i][tau][e] = 0.0f;
 
     const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
+    const __half inv256 = __float2half_rn(1.0f / 256.0f);
     for (int u = wu0; u < wu1; u += TC_STAGES) {
 #pragma unroll
         for (int s = 0; s < TC_STAGES; ++s) {
             const int uu = u + s;
             if (uu < wu1) {
-                const int g = st[s].g;
+                const int4 um = umeta[uu - ub];
                 uint4 xb[NT];
 #pragma unroll
                 for (int tau = 0; tau < NT; ++tau) {
                     const int m = 8 * tau + gid;
                     xb[tau] = (m < MT) ? xs4[((int64_t)(uu - ub) * MT + m) * 4 + t] : make_uint4(0u, 0u, 0u, 0u);
                 }
-                switch (gt.bits[g]) {
+                switch (um.z & 15) {
                     case 2: mma_unit<2, NT>(st[s], t, xb, tmp); break;
                     case 3: mma_unit<3, NT>(st[s], t, xb, tmp); break;
                     case 4: mma_unit<4, NT>(st[s], t, xb, tmp); break;
@@ -261,13 +283,17 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
                     case 8: mma_unit<8, NT>(st[s], t, xb, tmp); break;
                     default: break;
                 }
-                if (uu + 1 == gt.unit[g + 1] || uu + 1 == wu1) {
-                    // The group's partial sums times its per-column scales.
-                    const __half smax = qsm[g];
+                if (((um.z >> 16) & 1) || uu + 1 == wu1) {
+                    // The group's partial sums times its per-column scales, the loader's fp16 value
+                    // half(s*s) * (half(scale_max) * half(1/256)).
+                    const __half hs = __hmul(__ushort_as_half((unsigned short)(um.w >> 16)), inv256);
+                    const int nib = (gid & 1) * 16;
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
-                        const float sa = lane_scale(st[s], gid, 2 * i, smax);
-                        const float sb = lane_scale(st[s], gid, 2 * i + 1, smax);
+                        const uint32_t sw = st[s].sc[i >> 1] >> (nib + 8 * (i & 1));
+                        const int qa = (int)(sw & 15u) + 1, qb = (int)((sw >> 4) & 15u) + 1;
+                        const float sa = __half2float(__hmul(__float2half_rn((float)(qa * qa)), hs));
+                        const float sb = __half2float(__hmul(__float2half_rn((float)(qb * qb)), hs));
 #pragma unroll
                         for (int tau = 0; tau < NT; ++tau) {
                             acc[i][tau][0] = fmaf(tmp[i][tau][0], sa, acc[i][tau][0]);
@@ -279,9 +305,8 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
                         }
                     }
                 }
-                while (pu < wu1 && gt.unit[pg + 1] <= pu) ++pg;
-                issue(st[s], pu, pg);
-                ++pu;
+                const int nx = uu + TC_STAGES;
+                if (nx < wu1) load_unit_meta(st[s], umeta[nx - ub], qw, qs, n_pad, t, col0, col1, v0, v1);
             }
         }
     }
@@ -439,7 +464,7 @@ void launch_tc(const __half* x, const int32_t* qw, const int32_t* qs, const __ha
 bool exl2_matmul_tc(const void* x, const int32_t* q_weight, const int32_t* q_scale, const uint16_t* q_scale_max,
                     const int16_t* q_groups, const int32_t* q_perm, void* y, int64_t M, int64_t K, int64_t N,
                     int64_t n_pad, int64_t G, uintptr_t stream, int sms, int cc_major, int smem_optin, int k_splits) {
-    if (cc_major < 8 || M <= 0 || M > 32) return false;
+    if (cc_major < 8 || M <= 0 || M > 32 || G >= 65536) return false;
     if (reinterpret_cast<uintptr_t>(q_weight) % 16) return false;  // 16-byte weight loads
     const int MT = M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16;
     const int ztiles = (int)cdiv(M, MT);
@@ -459,7 +484,7 @@ bool exl2_matmul_tc(const void* x, const int32_t* q_weight, const int32_t* q_sca
     auto smem_for = [&](int k) {
         const int64_t units = cdiv(u_bound, k);
         const int64_t xs_bytes = std::max<int64_t>(units * 32 * MT * 2, (int64_t)TC_WARPS * MT * TC_COLS * 4);
-        return (size_t)(tbl_bytes + align4i(xs_bytes) + (int64_t)MT * TC_COLS * 4);
+        return (size_t)(tbl_bytes + units * 16 + align4i(xs_bytes) + (int64_t)MT * TC_COLS * 4);
     };
     while (smem_for(ks) > (size_t)smem_optin && ks < ks_max) ++ks;
     const size_t smem = smem_for(ks);
