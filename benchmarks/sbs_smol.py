@@ -10,8 +10,10 @@ Measures, in one run (device_side_by_side.sh STAGE=smol; see its header for the 
     non-overlapping windows, no BOS, all 2047 targets of a window scored) of every build in both
     engines: (a) ours in ours, (b) exllamav2's build in our loader/evaluator (issue 5: we read what
     exllamav2 writes), (c) ours in exllamav2 (issue 4: exllamav2 loads what we write), (d)
-    exllamav2's in exllamav2, (e) FP16 in both; our evaluator also gives KLD against our FP16;
-  * evaluation throughput (window tokens/s over all windows after a warm-up, CUDA-synchronized);
+    exllamav2's in exllamav2, (e) FP16 in both; then, if time is left, KLD / top-1 agreement of
+    every build against FP16 with our evaluator (a separate run: the timed runs score NLL only);
+  * evaluation throughput (window tokens/s over all windows after a warm-up window, CUDA-
+    synchronized, NLL of every target on both sides);
   * batch-1 decode tok/s, 256 new tokens, median of 3 after a warm-up, for FP16 and both 4.0 builds
     in both engines (ours: eval/speed.py's real generate loop; exllamav2: plain forward loop and its
     dynamic generator, see sbs_exl2.py).
@@ -125,17 +127,22 @@ def exl2_quant(a, fp16_dir: str, bpw: float, sub_log: Path) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def ours_eval(a, model_dir: str, tokens: dict, ref_dir: str | None, out_dir: Path | None) -> dict:
+def ours_eval(a, model_dir: str, tokens: dict, ref_dir: str | None = None, out_dir: Path | None = None,
+              warm: bool = True) -> dict:
+    """Our evaluator (eval.evaluate.evaluate_model) on the shared token ids. Timed runs go without a
+    reference (NLL only, like the exllamav2 side); the KLD runs use the FP16 reference."""
     import torch
 
     from exl2build.eval.evaluate import evaluate_model
 
     t = torch.load(tokens["path"])
     params = {"ctx": a.ctx, "windows": tokens["windows"]}
-    evaluate_model(model_dir, t, {"ctx": a.ctx, "windows": 1}, device=a.device)  # warm-up (not counted)
-    r = evaluate_model(model_dir, t, params, ref_dir=ref_dir, out_dir=out_dir, device=a.device)
+    if warm:
+        evaluate_model(model_dir, t, {"ctx": a.ctx, "windows": 1}, device=a.device, write_reference=False)  # not counted
+    r = evaluate_model(model_dir, t, params, ref_dir=ref_dir, out_dir=out_dir, device=a.device,
+                       write_reference=out_dir is not None)
     keep = ("ppl", "ppl_err", "kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "eval_seconds", "eval_tps", "device",
-            "method", "quantized", "bits")
+            "method", "quantized", "bits", "reference")
     return {k: r.get(k) for k in keep} | {"engine": "exl2build", "model": model_dir}
 
 
@@ -207,9 +214,9 @@ def markdown(res: sc.Results, a) -> str:
     rows = []
     for label, key in [("FP16", "fp16")] + [(f"exl2build {bpw_label(b)}", f"ours_{bpw_label(b)}") for b in a.bpws] + \
             [(f"exllamav2 {bpw_label(b)}", f"exl2_{bpw_label(b)}") for b in a.bpws]:
-        o, e = R(f"eval_exl2build_{key}") or {}, R(f"eval_exllamav2_{key}") or {}
-        rows.append([label, sc.fmt(o.get("ppl"), ".3f"), sc.fmt(e.get("ppl"), ".3f"), sc.fmt(o.get("kld_mean"), ".4f"),
-                     sc.fmt(o.get("top1_agreement"), ".4f"), sc.fmt(o.get("eval_tps"), ".0f"), sc.fmt(e.get("eval_tps"), ".0f")])
+        o, e, k = R(f"eval_exl2build_{key}") or {}, R(f"eval_exllamav2_{key}") or {}, R(f"kld_exl2build_{key}") or {}
+        rows.append([label, sc.fmt(o.get("ppl"), ".3f"), sc.fmt(e.get("ppl"), ".3f"), sc.fmt(k.get("kld_mean"), ".4f"),
+                     sc.fmt(k.get("top1_agreement"), ".4f"), sc.fmt(o.get("eval_tps"), ".0f"), sc.fmt(e.get("eval_tps"), ".0f")])
     L += [sc.md_table(["build", "PPL in exl2build", "PPL in exllamav2", "KLD vs FP16 (exl2build)", "top-1 agree",
                        "eval tok/s exl2build", "eval tok/s exllamav2"], rows), ""]
     L += ["Cross-loading: an exllamav2 4.0 build evaluated by exl2build (issue 5) and an exl2build build evaluated by "
@@ -303,12 +310,10 @@ def main() -> int:
     models = [("fp16", fp16)] + [(f"ours_{k}", v) for k, v in ours_dirs.items()] + [(f"exl2_{k}", v) for k, v in exl2_dirs.items()]
     models = [(k, v) for k, v in models if v]
 
-    # 2. perplexity, every model in both engines (ours first: the FP16 run writes the KLD reference)
-    ref = a.work / "eval_fp16"
+    # 2. perplexity and eval throughput, every model in both engines (NLL only on both sides)
     if "eval" in parts and tokens:
         for key, d in models:
-            state.run(res, f"eval_exl2build_{key}", ours_eval, a, d, tokens, None if key == "fp16" else str(ref),
-                      ref if key == "fp16" else None, need_s=15)
+            state.run(res, f"eval_exl2build_{key}", ours_eval, a, d, tokens, need_s=15)
         for key, d in models:
             state.run(res, f"eval_exllamav2_{key}", exl2_eval, a, d, tokens, sub_log, f"exllamav2 eval {key}", need_s=25)
         (a.out / "smol.md").write_text(markdown(res, a))
@@ -319,6 +324,15 @@ def main() -> int:
             if key in ("fp16", "ours_4.0", "exl2_4.0"):
                 state.run(res, f"decode_exl2build_{key}", ours_decode, a, d, need_s=20)
                 state.run(res, f"decode_exllamav2_{key}", exl2_decode, a, d, sub_log, f"exllamav2 decode {key}", need_s=35)
+        (a.out / "smol.md").write_text(markdown(res, a))
+
+    # 4. KLD against FP16 (our evaluator; the FP16 run writes the reference), if time is left
+    if "eval" in parts and tokens:
+        ref = a.work / "eval_fp16"
+        if state.run(res, "kld_exl2build_fp16", ours_eval, a, fp16, tokens, None, ref, False, need_s=15) is not None:
+            for key, d in models:
+                if key != "fp16":
+                    state.run(res, f"kld_exl2build_{key}", ours_eval, a, d, tokens, str(ref), None, False, need_s=15)
 
     md = markdown(res, a)
     (a.out / "smol.md").write_text(md)
