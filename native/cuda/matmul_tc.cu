@@ -189,7 +189,7 @@ template <int MT>
 __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_kernel(
     const __half* __restrict__ x, const int32_t* __restrict__ qw, const int32_t* __restrict__ qs,
     const __half* __restrict__ qsm, const int16_t* __restrict__ qg, const int32_t* __restrict__ perm,
-    __half* __restrict__ y, int M, int K, int N, int n_pad, int G, int ks) {
+    __half* __restrict__ y, int M, int K, int N, int n_pad, int G, int ks, int x_in_smem) {
     constexpr int NT = (MT + 7) / 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     int* tbl = reinterpret_cast<int*>(smem_raw);
@@ -210,6 +210,29 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
     const bool v0 = col0 < n_pad, v1 = col1 < n_pad;
 
     for (int lu = threadIdx.x; lu < nu; lu += TC_THREADS) umeta[lu] = unit_meta(gt, qsm, G, ub + lu);
+    // Small M: copy the block's x rows whole into shared memory with coalesced loads, so the
+    // permuted gather below reads shared memory; gathering from global memory instead costs one
+    // 32-byte L2 sector per 2-byte element, as much L2 traffic as the weights at M = 1.
+    // Layout after the reduction buffers: [tbl][umeta][xs / red][part][x rows].
+    const __half* xsrc;
+    if (x_in_smem) {
+        __half* xrows = reinterpret_cast<__half*>(reinterpret_cast<unsigned char*>(smem_raw) + (size_t)x_in_smem);
+        const int rows_m = min(MT, M - m0);
+        if ((K & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
+            const int per = K >> 3;
+            for (int i = threadIdx.x; i < rows_m * per; i += TC_THREADS) {
+                const int m = i / per, k8 = i - m * per;
+                reinterpret_cast<uint4*>(xrows)[(int64_t)m * per + k8] =
+                    __ldg(reinterpret_cast<const uint4*>(x + (int64_t)(m0 + m) * K) + k8);
+            }
+        } else {
+            for (int i = threadIdx.x; i < rows_m * K; i += TC_THREADS)
+                xrows[i] = __ldg(x + (int64_t)m0 * K + i);
+        }
+        xsrc = xrows;
+    } else {
+        xsrc = x + (int64_t)m0 * K;
+    }
     __syncthreads();
 
     Stage st[TC_STAGES];
@@ -243,7 +266,7 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
                 __half v[CH];
 #pragma unroll
                 for (int q = 0; q < CH; ++q)
-                    v[q] = (src[q] >= 0 && m0 + m < M) ? __ldg(x + (int64_t)(m0 + m) * K + src[q]) : __float2half(0.0f);
+                    v[q] = (src[q] >= 0 && m0 + m < M) ? xsrc[(int64_t)m * K + src[q]] : __float2half(0.0f);
 #pragma unroll
                 for (int q = 0; q < CH; ++q)
                     if (dst[q] >= 0) xs[dst[q] + m * 32] = v[q];
@@ -437,7 +460,7 @@ __global__ void __launch_bounds__(TC_THREADS) dequant_units_kernel(
 template <int MT>
 void launch_tc(const __half* x, const int32_t* qw, const int32_t* qs, const __half* qsm, const int16_t* qg,
                const int32_t* perm, __half* y, int M, int K, int N, int n_pad, int G, int ks, int ztiles,
-               size_t smem, cudaStream_t st) {
+               size_t smem, int x_in_smem, cudaStream_t st) {
     auto kern = exl2_matmul_tc_kernel<MT>;
     if (smem > 48 * 1024)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
@@ -455,7 +478,7 @@ void launch_tc(const __half* x, const int32_t* qw, const int32_t* qs, const __ha
         cfg.attrs = attr;
         cfg.numAttrs = 1;
     }
-    check(cudaLaunchKernelEx(&cfg, kern, x, qw, qs, qsm, qg, perm, y, M, K, N, n_pad, G, ks), "exl2_matmul");
+    check(cudaLaunchKernelEx(&cfg, kern, x, qw, qs, qsm, qg, perm, y, M, K, N, n_pad, G, ks, x_in_smem), "exl2_matmul");
     check_launch("exl2_matmul");
 }
 
@@ -484,22 +507,29 @@ bool exl2_matmul_tc(const void* x, const int32_t* q_weight, const int32_t* q_sca
     auto smem_for = [&](int k) {
         const int64_t units = cdiv(u_bound, k);
         const int64_t xs_bytes = std::max<int64_t>(units * 32 * MT * 2, (int64_t)TC_WARPS * MT * TC_COLS * 4);
-        return (size_t)(tbl_bytes + units * 16 + align4i(xs_bytes) + (int64_t)MT * TC_COLS * 4);
+        return (size_t)(tbl_bytes + units * 16 + xs_bytes + (int64_t)MT * TC_COLS * 4);
     };
     while (smem_for(ks) > (size_t)smem_optin && ks < ks_max) ++ks;
-    const size_t smem = smem_for(ks);
+    size_t smem = smem_for(ks);
     if (smem > (size_t)smem_optin) return false;
+    // M <= 2: whole x rows in shared memory too, where two blocks still fit an SM.
+    int x_in_smem = 0;
+    const size_t x_bytes = (size_t)cdiv((int64_t)MT * K * 2, 16) * 16;
+    if (MT <= 2 && 2 * (smem + x_bytes) <= (size_t)smem_optin) {
+        x_in_smem = (int)smem;
+        smem += x_bytes;
+    }
     const __half* xh = reinterpret_cast<const __half*>(x);
     const __half* sm = reinterpret_cast<const __half*>(q_scale_max);
     __half* yh = reinterpret_cast<__half*>(y);
     cudaStream_t st = as_stream(stream);
     const int iM = (int)M, iK = (int)K, iN = (int)N, iNp = (int)n_pad, iG = (int)G;
     switch (MT) {
-        case 1: launch_tc<1>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, st); break;
-        case 2: launch_tc<2>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, st); break;
-        case 4: launch_tc<4>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, st); break;
-        case 8: launch_tc<8>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, st); break;
-        default: launch_tc<16>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, st); break;
+        case 1: launch_tc<1>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, x_in_smem, st); break;
+        case 2: launch_tc<2>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, x_in_smem, st); break;
+        case 4: launch_tc<4>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, x_in_smem, st); break;
+        case 8: launch_tc<8>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, x_in_smem, st); break;
+        default: launch_tc<16>(xh, q_weight, q_scale, sm, q_groups, q_perm, yh, iM, iK, iN, iNp, iG, ks, ztiles, smem, x_in_smem, st); break;
     }
     return true;
 }
