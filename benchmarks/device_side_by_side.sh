@@ -33,14 +33,18 @@
 #   cp ../shared/data/wikitext-2/valid.txt ../shared/data/wikitext-2-raw/wiki.test.raw .assets/
 #   python benchmarks/sbs_llama2_tokenizer.py                               # -> .assets/llama2-tokenizer.json
 #
-# Device calls (each under the 64 MiB carry limit with the ~1 MB tree):
-#   1. STAGE=prep    bash benchmarks/device_side_by_side.sh   carry .whl .assets/smol.gguf.part-aa          (~54.8 MiB)
+# Device calls, back to back on one warm machine (sizes with the ~1 MB tree; times are estimates):
+#   1. STAGE=prep    bash benchmarks/device_side_by_side.sh   carry .whl .assets/smol.gguf.part-aa    ~55 MiB  4-6 min
 #   2. STAGE=smol    bash benchmarks/device_side_by_side.sh   carry .assets/smol.gguf.part-ab .assets/valid.txt
-#                                                                   .assets/wiki.test.raw                   (~48.1 MiB)
-#   3. STAGE=kernels bash benchmarks/device_side_by_side.sh   carry nothing
-#   4. STAGE=big     bash benchmarks/device_side_by_side.sh   carry .assets/llama2-tokenizer.json (+ .assets/valid.txt
-#                                                                   if call 2 did not run on this machine) (~3.5 MiB)
+#                                                                   .assets/wiki.test.raw             ~49 MiB  8-9.5 min
+#   3. STAGE=kernels bash benchmarks/device_side_by_side.sh   carry nothing                                    2-4 min
+#   4. STAGE=big BIG_PARTS=convert bash benchmarks/device_side_by_side.sh
+#                                                   carry .assets/llama2-tokenizer.json (+ .assets/valid.txt if
+#                                                   call 2 did not run on this machine)        ~4.5 MiB  5-8 min
+#   5. STAGE=big BIG_PARTS=decode  bash benchmarks/device_side_by_side.sh   carry nothing                  3-5 min
 # Every carried file is also copied under /tmp/exl2sbs/assets, so later calls need not carry it again.
+# A call that runs out of its budget lists the skipped parts; the same call again continues
+# (smol and big keep finished parts in /tmp/exl2sbs/<stage>/state.json; FORCE: delete that file).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 export EXLLAMA_NO_SDPA=1                # anchors.md: mandatory without flash-attn (no causal mask otherwise)

@@ -141,6 +141,8 @@ def ours_eval(a, model_dir: str, tokens: dict, ref_dir: str | None = None, out_d
         evaluate_model(model_dir, t, {"ctx": a.ctx, "windows": 1}, device=a.device, write_reference=False)  # not counted
     r = evaluate_model(model_dir, t, params, ref_dir=ref_dir, out_dir=out_dir, device=a.device,
                        write_reference=out_dir is not None)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     keep = ("ppl", "ppl_err", "kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "eval_seconds", "eval_tps", "device",
             "method", "quantized", "bits", "reference")
     return {k: r.get(k) for k in keep} | {"engine": "exl2build", "model": model_dir}
