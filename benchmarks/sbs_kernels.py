@@ -144,6 +144,23 @@ def matmul_shape(torch, a, tm: Timers, K, N, bpw, Ms, rows: list, copy_bw):
             it[0] += 1
 
         r["ours_us"] = (tm.graph(ours, 4 * n if not a.quick else n) if M <= 32 else tm.events(ours, iters=10 if a.quick else 20)) * 1e6
+        if M <= 32 and dev.type == "cuda":
+            # Both of our fused kernels, forced (the default takes SIMT at M = 1, tensor cores above).
+            from exl2build import _native
+
+            yk = torch.empty(M, N, device=dev, dtype=torch.float16)
+            argsets = [[x.data_ptr(), q.q_weight.data_ptr(), q.q_scale.data_ptr(), q.q_scale_max.data_ptr(),
+                        q.q_groups.data_ptr(), q.perm.data_ptr(), yk.data_ptr(), M, K, N, q.q_weight.shape[1],
+                        q.q_scale_max.shape[0], True] for q in qts]
+            for key, flags in (("ours_tc_us", 16), ("ours_simt_us", 8)):
+                kt = [0]
+
+                def forced():
+                    _native.cuda.exl2_matmul_cfg(*argsets[kt[0] % n], torch.cuda.current_stream().cuda_stream,
+                                                 0, 0, flags)
+                    kt[0] += 1
+
+                r[key] = tm.graph(forced, 4 * n if not a.quick else n) * 1e6
         ref = x.float() @ kernels.dequant(qts[0], torch.float32)
         y_o = kernels.exl2_matmul(x, qts[0]).float()
         scale = ref.abs().max().item() or 1.0
@@ -185,7 +202,8 @@ def matmul_shape(torch, a, tm: Timers, K, N, bpw, Ms, rows: list, copy_bw):
                 if copy_bw:
                     r[f"{who}_copy_ratio"] = wb / (r[f"{who}_us"] * 1e-6) / copy_bw
         rows.append(r)
-        print(f"{K:>6}x{N:<6} {bpw} bpw M={M:<5} ours {r['ours_us']:9.1f} us  exllamav2 "
+        print(f"{K:>6}x{N:<6} {bpw} bpw M={M:<5} ours {r['ours_us']:9.1f} us (tc {sc.fmt(r.get('ours_tc_us'), '.1f')}, "
+              f"simt {sc.fmt(r.get('ours_simt_us'), '.1f')})  exllamav2 "
               f"{sc.fmt(r.get('exl2_us'), '9.1f')} us  ratio {sc.fmt(r.get('exl2_over_ours'), '.2f')}  "
               f"err ours/exl2/diff {sc.fmt(r.get('ours_vs_ref'), '.1e')}/{sc.fmt(r.get('exl2_vs_ref'), '.1e')}/"
               f"{sc.fmt(r.get('ours_vs_exl2'), '.1e')}", flush=True)
