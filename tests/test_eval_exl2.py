@@ -94,3 +94,38 @@ def test_report_and_gates_from_real_evaluations(built, tmp_path):
     tight = {"max_kld_mean": {2.0: evals[2]["kld_mean"] / 2}}
     with pytest.raises(StepError, match=r"2.0 bpw.*kld_mean"):
         check_gates(tight, 2.0, rows[0], r["baseline"])
+
+
+def test_dequant_cache_toggles_every_exl2_linear(built):
+    from exl2build.model.linear import EXL2Linear, dequant_cache, dequant_cache_bytes
+    from exl2build.model.load import load_model
+
+    root, _, builds, _, evals, _ = built
+    assert evals[4]["dequant_cache_bytes"] == 0  # CPU: the linears keep their own copies anyway
+    model, _ = load_model(builds[4], "cpu")
+    lins = [m for m in model.modules() if isinstance(m, EXL2Linear)]
+    assert len(lins) == 2 * len(LINEARS)
+    want = sum(m.K * m.N * 2 for m in lins)
+    assert dequant_cache_bytes(model) == want
+    assert dequant_cache(model, True) == want and all(m.keep_dequantized for m in lins)
+    x = torch.randn(40, lins[0].K)
+    lins[0](x)
+    assert lins[0]._deq is not None
+    assert dequant_cache(model, False) == 0
+    assert not any(m.keep_dequantized for m in lins) and lins[0]._deq is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dequant_cache_on_cuda_gives_the_same_figures(built, monkeypatch):
+    import exl2build.eval.evaluate as ev
+
+    root, _, builds, _, _, tokens = built
+    p = {"ctx": 64, "top_k": 64}
+    cached = evaluate_model(builds[4], tokens, p, device="cuda")
+    monkeypatch.setattr(ev, "DEQUANT_CACHE_SHARE", 0.0)
+    plain = evaluate_model(builds[4], tokens, p, device="cuda")
+    assert cached["dequant_cache_bytes"] > 0 and plain["dequant_cache_bytes"] == 0
+    for k in ("ppl", "nll_mean", "top1_agreement"):
+        if k in plain:
+            assert cached[k] == plain[k], k

@@ -68,10 +68,13 @@ class EXL2Linear(Linear):
     """A quantized linear; the product goes through kernels.exl2_matmul.
 
     On CPU, prefill-sized inputs (M > 32) use a cached dequantized weight instead: evaluation
-    is prefill-heavy and dequantizing per call would cost more than the matmul.
+    is prefill-heavy and dequantizing per call would cost more than the matmul. On CUDA the
+    same happens while `keep_dequantized` is set (see `dequant_cache`); the product is the
+    same either way (the same fp16 dequantization, the same torch.matmul).
     """
 
     FUSED_MAX_M = 32
+    keep_dequantized = False
 
     def __init__(self, qtensor):
         super().__init__(qtensor.K, qtensor.N)
@@ -92,7 +95,7 @@ class EXL2Linear(Linear):
     def _product(self, x2: torch.Tensor) -> torch.Tensor:
         from exl2build import kernels
 
-        if x2.device.type == "cpu" and x2.shape[0] > self.FUSED_MAX_M:
+        if x2.shape[0] > self.FUSED_MAX_M and (x2.device.type == "cpu" or self.keep_dequantized):
             y = x2 @ self._dequantized(x2.dtype)
         else:
             y = kernels.exl2_matmul(x2.contiguous(), self.qtensor)
@@ -108,3 +111,26 @@ class EXL2Linear(Linear):
             self.bias = self.qtensor.bias
             self._deq = None
         return super()._apply(fn, recurse)
+
+
+def dequant_cache(model: nn.Module, enabled: bool) -> int:
+    """Keep (or drop) one fp16 copy of every EXL2 weight for prefill-sized products.
+
+    Evaluation runs thousands of 2048-token windows; dequantizing every weight in every
+    window costs more than the matmuls of a small model. Returns the bytes the copies take
+    (0 when disabling, or when the model has no EXL2 linears).
+    """
+    total = 0
+    for m in model.modules():
+        if isinstance(m, EXL2Linear):
+            m.keep_dequantized = enabled
+            if enabled:
+                total += m.K * m.N * 2
+            else:
+                m.release_cache()
+    return total
+
+
+def dequant_cache_bytes(model: nn.Module) -> int:
+    """fp16 bytes `dequant_cache(model, True)` would keep."""
+    return sum(m.K * m.N * 2 for m in model.modules() if isinstance(m, EXL2Linear))

@@ -200,7 +200,9 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
     const int ub = (int)((int64_t)U * rank / ks), ue = (int)((int64_t)U * (rank + 1) / ks);
     const int nu = ue - ub;
     int4* umeta = reinterpret_cast<int4*>(tbl + align4i(group_table_ints(G)));
-    __half* xs = reinterpret_cast<__half*>(umeta + nu);
+    // Same offsets in every block of a cluster (the reduction maps `part` into the other blocks'
+    // shared memory by this block's address), so room for the largest rank's units: ceil(U / ks).
+    __half* xs = reinterpret_cast<__half*>(umeta + (U + ks - 1) / ks);
     const int m0 = blockIdx.z * MT;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
     const int wu0 = ub + (int)((int64_t)nu * warp / TC_WARPS);
