@@ -123,3 +123,33 @@ def test_hessian_shape_mismatch():
     W, X, H = _problem(N=32, K=64)
     with pytest.raises(StepError, match="does not match"):
         quantize_linear(W, H[:32, :32], LinearOption(64, (4,), (1.0,)), SS, name="t")
+
+
+def test_verify_in_chunks_names_the_bad_element(monkeypatch):
+    from exl2build.quant import gptq
+
+    W, X, H = _problem(N=32, K=128)
+    real = kernels.dequant
+
+    def corrupt(qt):
+        out = real(qt).clone()
+        out[100, 7] = float("nan")  # one element, in the last of several verify chunks
+        return out
+
+    monkeypatch.setattr(gptq, "VERIFY_CHUNK", 32 * 16)
+    monkeypatch.setattr(kernels, "dequant", corrupt)
+    with pytest.raises(StepError, match=r"t: the packed EXL2 tensors .* row 100, column 7: packed nan"):
+        quantize_linear(W, H, LinearOption(64, (4,), (1.0,)), SS, name="t")
+
+
+def test_prepared_factor_without_hessian():
+    from exl2build.quant.hessian import prepare
+
+    W, X, H = _problem(N=32, K=64)
+    opt = LinearOption(32, (4, 3), (0.5, 0.5))
+    qa, da = quantize_linear(W, H, opt, SS)
+    qb, db = quantize_linear(W, None, opt, SS, prepared=prepare(H))
+    assert torch.equal(da, db)
+    assert all(torch.equal(x, y) for x, y in zip(qa.tensors("t").values(), qb.tensors("t").values()))
+    with pytest.raises(StepError, match="does not match"):
+        quantize_linear(W[:, :32], None, opt, SS, prepared=prepare(H), name="t")

@@ -42,7 +42,7 @@ def as_scale_search(spec) -> ScaleSearch:
 
 def quantize_linear(
     weight: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | None,
     option: LinearOption,
     scale_search=DEFAULT_SCALE_SEARCH,
     *,
@@ -53,14 +53,19 @@ def quantize_linear(
 ):
     """(QTensor, dequantized weight [N, K] fp16) of `weight` [N, K] under Hessian H [K, K].
 
-    `prepared` = hessian.prepare(H, damp, name) may be passed when several linears share H.
+    `prepared` = hessian.prepare(H, damp, name) may be passed when several linears share H
+    (H may then be None: only the prepared factor is used).
     The returned weight is what the loader will compute from the packed tensors (verified).
     """
     ss = as_scale_search(scale_search)
     N, K = weight.shape
-    if H.shape != (K, K):
+    if H is None and prepared is None:
+        raise StepError(f"{name}: quantize_linear needs the Hessian H or its prepared factor.")
+    if H is not None and H.shape != (K, K):
         raise StepError(f"{name}: Hessian shape {tuple(H.shape)} does not match the weight's K={K}.")
     perm, hinv = prepared if prepared is not None else prepare(H, damp, name)
+    if perm.shape != (K,) or hinv.shape != (K, K):
+        raise StepError(f"{name}: prepared Hessian of size {perm.shape[0]} does not match the weight's K={K}.")
     device = weight.device
     perm, hinv = perm.to(device), hinv.to(device)
 
@@ -86,20 +91,39 @@ def quantize_linear(
     invperm = torch.argsort(perm).to(torch.int32)
     qt = build_qtensor(groups, invperm, N, bias)
     loaded = kernels.dequant(qt)  # [K, N] original order, as the loader computes it
-    ours = W[invperm.long()]
-    _verify(loaded, ours, name)
+    _verify(loaded, W, invperm.long(), name)
+    del W
     return qt, loaded.T.contiguous()
 
 
-def _verify(loaded: torch.Tensor, ours: torch.Tensor, name: str) -> None:
-    """The packed tensors must reproduce GPTQ's dequantized weights (up to fp16 rounding)."""
-    a, b = loaded.to(torch.float32), ours.to(torch.float32)
-    tol = 2e-3 * b.abs() + 1e-6
-    bad = (a - b).abs() > tol
-    if bool(bad.any()) or not bool(torch.isfinite(a).all()):
-        k, n = (int(i) for i in bad.nonzero()[0]) if bool(bad.any()) else (0, 0)
-        raise StepError(
-            f"{name}: the packed EXL2 tensors do not reproduce the GPTQ result (e.g. row {k}, column {n}: "
-            f"packed {float(a[k, n]):.6g} vs GPTQ {float(b[k, n]):.6g}). This is a bug in packing or the "
-            "kernels; re-run with the reference kernels to isolate it and report it."
-        )
+VERIFY_CHUNK = 1 << 22  # elements compared at a time: the temporaries stay small next to W
+
+
+def _verify(loaded: torch.Tensor, W: torch.Tensor, invperm: torch.Tensor, name: str) -> None:
+    """The packed tensors must reproduce GPTQ's dequantized weights (up to fp16 rounding).
+
+    `loaded` [K, N] is in original row order, `W` [K, N] in act-order (row invperm[k] of W is
+    row k of the weight). Compared in row chunks, so no full-size copies are made; one host
+    sync at the end (a failure is located by a second pass)."""
+    K, N = loaded.shape
+    rows = max(1, VERIFY_CHUNK // max(N, 1))
+
+    def chunks():
+        for r0 in range(0, K, rows):
+            a = loaded[r0 : r0 + rows].to(torch.float32)
+            b = W[invperm[r0 : r0 + rows]]
+            yield r0, a, b, ((a - b).abs() > 2e-3 * b.abs() + 1e-6) | ~torch.isfinite(a)
+
+    failed = torch.zeros((), dtype=torch.bool, device=loaded.device)
+    for _, _, _, bad in chunks():
+        failed |= bad.any()
+    if not bool(failed):
+        return
+    for r0, a, b, bad in chunks():
+        if bool(bad.any()):
+            k, n = (int(i) for i in bad.nonzero()[0])
+            raise StepError(
+                f"{name}: the packed EXL2 tensors do not reproduce the GPTQ result (e.g. row {r0 + k}, column {n}: "
+                f"packed {float(a[k, n]):.6g} vs GPTQ {float(b[k, n]):.6g}). This is a bug in packing or the "
+                "kernels; re-run with the reference kernels to isolate it and report it."
+            )

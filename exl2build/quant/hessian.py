@@ -68,26 +68,36 @@ def prepare(H: torch.Tensor, damp: float = DEFAULT_DAMP, layer_name: str = "") -
             "data closer to the model's training data or check the source weights for overflow."
         )
     K = H.shape[0]
-    work = H.to(torch.float64)
-    diag = torch.diagonal(work).clone()
+    # Float64 K x K matrices are large (0.97 GB each for K = 11008): build them one at a time
+    # and drop each as soon as the next exists (peak 3 of them, was 7). Permuting in float32
+    # and converting after is exact, so the values are those of the float64 permutation.
+    diag = torch.diagonal(H).to(torch.float64)
     perm = torch.argsort(-diag, stable=True)
-    Hp = work[perm][:, perm]
     mean_diag = float(diag.mean())
-    if mean_diag == 0:
+    dead = mean_diag == 0
+    if dead:
         # No activation at all reached this linear: any invertible H gives plain rounding.
-        Hp = torch.eye(K, dtype=torch.float64, device=H.device)
         mean_diag = 1.0
-    eye = torch.eye(K, dtype=torch.float64, device=H.device)
     d = damp
     for _ in range(DAMP_RETRIES + 1):
-        L, info = torch.linalg.cholesky_ex(Hp + (d * mean_diag) * eye)
+        if dead:
+            A = torch.eye(K, dtype=torch.float64, device=H.device)
+        else:
+            A = H[perm].index_select(1, perm).to(torch.float64)
+        A.diagonal().add_(d * mean_diag)  # = Hp + (d * mean) * I, entry for entry
+        L, info = torch.linalg.cholesky_ex(A)
+        del A
         if int(info) == 0:
             # H^-1 = L^-T L^-1; a triangular solve is several times faster than cholesky_inverse on CPU
-            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+            Linv = torch.linalg.solve_triangular(L, torch.eye(K, dtype=torch.float64, device=H.device), upper=False)
+            del L
             Hinv = Linv.T @ Linv
+            del Linv
             U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info2) == 0 and bool(torch.isfinite(U).all()):
                 return perm, U.to(torch.float32).contiguous()
+            del U
         d *= 2
     raise StepError(
         f"{layer_name}: the Hessian is not invertible even with damping {d / 2:g} x mean(diag H) "

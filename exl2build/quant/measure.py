@@ -86,16 +86,22 @@ def measure_block(layer, kind: str, x: torch.Tensor, params: dict, layer_key: st
     sub = getattr(layer, sub_name)
     br = params["batch_rows"]
     y_ref, hess = block_hessians(layer, kind, x, br, layer_key)
-    prepared = {o: prepare(H, params["damp"], f"{layer_key}.{sub_name}.{o}") for o, H in hess.items()}
+    prepared = {}
+    for o in sorted(hess):  # the prepared factor replaces H (same size): keep one of them at a time
+        prepared[o] = prepare(hess.pop(o), params["damp"], f"{layer_key}.{sub_name}.{o}")
     shapes = {n: (getattr(sub, n).K, getattr(sub, n).N) for n in linears}
-    memo: dict = {}  # (linear, LinearOption) -> FP16Linear: options share levels, quantize once
+    # (linear, LinearOption) -> FP16Linear: options share levels, so each is quantized once and
+    # kept only until the last option that uses it (the tables interleave uNN/sNN, so a few
+    # levels per linear are alive at a time instead of all 21).
+    memo: dict = {}
+    last_use = {(n, opt.linears[n]): k for k, opt in enumerate(table) for n in linears}
 
     def quantized(n, lopt):
         key = (n, lopt)
         if key not in memo:
             src = getattr(sub, n)
             _, deq = quantize_linear(
-                src.weight.data, hess[shares[n]], lopt, params["scale_search"], damp=params["damp"],
+                src.weight.data, None, lopt, params["scale_search"], damp=params["damp"],
                 bias=src.bias, name=f"{layer_key}.{sub_name}.{n}", prepared=prepared[shares[n]],
             )
             memo[key] = FP16Linear(deq, src.bias)
@@ -105,6 +111,9 @@ def measure_block(layer, kind: str, x: torch.Tensor, params: dict, layer_key: st
     for k, opt in enumerate(table):
         with lw.swapped(sub, {n: quantized(n, opt.linears[n]) for n in linears}):
             err = lw.rel_error(block_fn(layer, kind), x, y_ref, br)
+        for n in linears:
+            if last_use[(n, opt.linears[n])] == k:
+                del memo[(n, opt.linears[n])]
         bits = opt.bits(shapes)
         weights = sum(K * N for K, N in shapes.values())
         options.append({"name": opt.name, "bits": int(bits), "bpw": bits / weights, "err": err})

@@ -58,13 +58,13 @@ def quantize_block(layer, kind: str, x: torch.Tensor, option, params: dict, laye
         with lw.observing(src, acc):
             for i in range(0, x.shape[0], br):
                 block_fn(layer, kind)(x[i : i + br])
-        H = acc.result()
-        prep = prepare(H, damp, f"{layer_key}.{sub_name}.{owner}")
+        prep = prepare(acc.result(), damp, f"{layer_key}.{sub_name}.{owner}")
+        del acc  # H is no longer needed once prepared (K x K f32 each)
         for n in names:
             lin = getattr(sub, n)
             lopt = option.linears[n]
             key = f"{layer_key}.{sub_name}.{n}"
-            qt, deq = quantize_linear(lin.weight.data, H, lopt, ss, damp=damp, bias=lin.bias, name=key, prepared=prep)
+            qt, deq = quantize_linear(lin.weight.data, None, lopt, ss, damp=damp, bias=lin.bias, name=key, prepared=prep)
             qts[key] = qt
             bits[key] = lopt.bits(lin.K, lin.N)
             setattr(sub, n, FP16Linear(deq, lin.bias))
