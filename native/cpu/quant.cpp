@@ -29,9 +29,13 @@ void quantize_rows(const float* w, const float* scale, uint8_t* codes, float* de
 }
 
 // |e|^(IPOW + HALF/2) with multiplies and one sqrt: vectorises, unlike pow.
+// The builtins, not std::sqrt/std::fabs: under this file's `#pragma GCC optimize` gcc 12
+// emits <cmath>'s wrappers out of line and will not inline them into the target_clones
+// bodies, which left the scale search scalar with two calls per element (8x slower).
+// Both are exact (IEEE sqrt is correctly rounded in every ISA), so results do not change.
 template <int IPOW, bool HALF>
 static inline float fast_pow(float e) {
-    float t = HALF ? std::sqrt(e) : 1.0f;
+    float t = HALF ? __builtin_sqrtf(e) : 1.0f;
     for (int k = 0; k < IPOW; ++k) t *= e;
     return t;
 }
@@ -46,7 +50,7 @@ __attribute__((always_inline)) static inline double group_error_fixed(
         const float* wr = w + r * N;
         for (int64_t c = 0; c < N; ++c) {
             const float q = quant_code(wr[c], scale[c], zero, maxq);
-            acc[c] += fast_pow<IPOW, HALF>(std::fabs(wr[c] - (q - zero) * scale[c]));
+            acc[c] += fast_pow<IPOW, HALF>(__builtin_fabsf(wr[c] - (q - zero) * scale[c]));
         }
     }
     double s = 0.0;
