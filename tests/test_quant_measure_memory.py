@@ -40,3 +40,39 @@ def test_live_quantized_copies_stay_bounded(tmp_path, monkeypatch):
     # ... but at most two levels per linear are alive at a time (all 21 were kept before)
     assert peaks[0] <= 2 * 4 and peaks[1] <= 2 * 3, peaks
 
+
+def test_split_block_is_the_block_bit_for_bit(tmp_path):
+    """score_options runs a block as prefix + rest (the q/k or gate/up part shared by uNN and
+    sNN): that must be exactly the model's attn_block / mlp_block, or measurements would drift."""
+    from exl2build.model.config import ModelConfig
+    from exl2build.model.load import load_layer
+    from exl2build.model.weights import WeightStore
+    from exl2build.quant import layerwise as lw
+
+    for name, kw in (("gqa", dict(heads=4, kv_heads=2)), ("bias", dict(heads=2, kv_heads=2, qkv_bias=True, arch="Qwen2ForCausalLM"))):
+        model = make_tiny_llama(tmp_path / name, layers=1, hidden=64, intermediate=96, vocab=256, **kw)
+        cfg = ModelConfig.from_dir(model)
+        store = WeightStore(model)
+        layer = load_layer(store, cfg, 0)
+        store.close()
+        g = torch.Generator().manual_seed(1)
+        for rows, T in ((3, 17), (2, 1)):
+            x = torch.randn(rows, T, 64, generator=g)
+            with torch.no_grad():
+                for kind in ("attn", "mlp"):
+                    sub = getattr(layer, measure.BLOCKS[kind][0])
+                    lins = {n: getattr(sub, n) for n in measure.BLOCKS[kind][1]}
+                    want = measure.block_fn(layer, kind)(x)
+                    got = measure._block_rest(layer, kind, x, measure._block_prefix(layer, kind, x, lins), lins)
+                    assert torch.equal(got, want), (name, kind, rows, T)
+                    y_ref = want + 0.01 * torch.randn(want.shape, generator=g)
+                    errs = measure.score_options(layer, kind, x, y_ref, 2, [lins, lins])
+                    assert errs == [lw.rel_error(measure.block_fn(layer, kind), x, y_ref, 2)] * 2
+
+
+def test_option_groups_pair_u_and_s_options():
+    for kind, table in (("attn", ATTN_OPTIONS), ("mlp", MLP_OPTIONS)):
+        groups = measure.option_groups(kind, table)
+        assert [k for g in groups for k in g] == list(range(len(table)))
+        assert [[table[k].name for k in g] for g in groups][:2] == [["u00", "s00"], ["u01", "s01"]]
+        assert [table[k].name for k in groups[-1]] == ["u20"]

@@ -46,14 +46,24 @@ def rel_error(fn, x: torch.Tensor, ref: torch.Tensor, batch_rows: int) -> float:
     """
     total, count = 0.0, 0
     for i in range(0, x.shape[0], batch_rows):
-        y = fn(x[i : i + batch_rows]).to(torch.float64)
-        r = ref[i : i + batch_rows].to(torch.float64)
-        num = (y - r).pow(2).sum(-1)
-        den = r.pow(2).sum(-1)
-        ratio = torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
-        total += float(ratio.sum())
-        count += int(ratio.numel())
+        r, den = ref_terms(ref[i : i + batch_rows])
+        s, n = error_terms(fn(x[i : i + batch_rows]), r, den)
+        total += s
+        count += n
     return (total / count) ** 0.5 if count else 0.0
+
+
+def ref_terms(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref in float64, per-token ||ref_t||^2) of one batch, for error_terms."""
+    r = ref.to(torch.float64)
+    return r, r.pow(2).sum(-1)
+
+
+def error_terms(y: torch.Tensor, r: torch.Tensor, den: torch.Tensor) -> tuple[float, int]:
+    """(sum over the batch's tokens of ||y_t - r_t||^2 / ||r_t||^2, tokens): rel_error's terms."""
+    num = (y.to(torch.float64) - r).pow(2).sum(-1)
+    ratio = torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+    return float(ratio.sum()), int(ratio.numel())
 
 
 def check_finite(x: torch.Tensor, where: str) -> None:

@@ -17,12 +17,13 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from exl2build.errors import InputError
 from exl2build.model.config import ModelConfig
 from exl2build.model.linear import FP16Linear
 from exl2build.model.load import load_embedding, load_layer
-from exl2build.model.forward import RotaryEmbedding
+from exl2build.model.forward import RotaryEmbedding, apply_rope
 from exl2build.model.weights import WeightStore
 from exl2build.quant import layerwise as lw
 from exl2build.quant.gptq import as_scale_search, quantize_linear
@@ -80,6 +81,69 @@ def block_hessians(layer, kind: str, x: torch.Tensor, batch_rows: int, layer_key
     return y, {o: a.result() for o, a in accs.items()}
 
 
+# block kind -> the linears that come first in the block: options with the same LinearOption
+# for all of them (uNN and sNN) share the block's computation up to the other linears.
+PREFIX = {"attn": ("q_proj", "k_proj"), "mlp": ("gate_proj", "up_proj")}
+
+
+def option_groups(kind: str, table) -> list[list[int]]:
+    """Indices of `table` in order, in runs of consecutive options sharing the PREFIX linears' options."""
+    groups: list[list[int]] = []
+    prev = None
+    for k, opt in enumerate(table):
+        key = tuple(opt.linears[n] for n in PREFIX[kind])
+        if groups and key == prev:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+        prev = key
+    return groups
+
+
+def _block_prefix(layer, kind: str, x: torch.Tensor, lins: dict):
+    """The part of the block (on input rows x) that depends only on the PREFIX linears.
+
+    The same operations as DecoderLayer.attn_block / mlp_block (no KV cache, position 0), so
+    prefix + _block_rest is bit for bit the block (tests/test_quant_measure_memory.py)."""
+    if kind == "mlp":
+        z = layer.post_attention_layernorm(x)
+        return F.silu(lins["gate_proj"](z)) * lins["up_proj"](z)
+    a = layer.self_attn
+    z = layer.input_layernorm(x)
+    B, T, _ = z.shape
+    q = lins["q_proj"](z).view(B, T, a.num_heads, a.head_dim).transpose(1, 2)
+    k = lins["k_proj"](z).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+    cos, sin = a.rotary.cos_sin(0, T, z.dtype)
+    return z, apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def _block_rest(layer, kind: str, x: torch.Tensor, prefix, lins: dict) -> torch.Tensor:
+    if kind == "mlp":
+        return x + lins["down_proj"](prefix)
+    a = layer.self_attn
+    z, q, k = prefix
+    B, T, _ = z.shape
+    v = lins["v_proj"](z).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=a.num_heads != a.num_kv_heads)
+    return x + lins["o_proj"](o.transpose(1, 2).reshape(B, T, a.num_heads * a.head_dim))
+
+
+def score_options(layer, kind: str, x: torch.Tensor, y_ref: torch.Tensor, batch_rows: int, lins_list) -> list[float]:
+    """layerwise.rel_error of the block run with each {linear: Linear} of `lins_list` (which
+    share the PREFIX linears): per row batch the shared part is computed once."""
+    totals, count = [0.0] * len(lins_list), 0
+    for i in range(0, x.shape[0], batch_rows):
+        xb = x[i : i + batch_rows]
+        r, den = lw.ref_terms(y_ref[i : i + batch_rows])
+        prefix = _block_prefix(layer, kind, xb, lins_list[0])
+        for j, lins in enumerate(lins_list):
+            s, n = lw.error_terms(_block_rest(layer, kind, xb, prefix, lins), r, den)
+            totals[j] += s
+        count += n
+        del prefix
+    return [(t / count) ** 0.5 if count else 0.0 for t in totals]
+
+
 def measure_block(layer, kind: str, x: torch.Tensor, params: dict, layer_key: str, progress=None):
     """(FP16 output, block record) for one block of one layer."""
     sub_name, linears, shares, table = BLOCKS[kind]
@@ -108,17 +172,19 @@ def measure_block(layer, kind: str, x: torch.Tensor, params: dict, layer_key: st
         return memo[key]
 
     options = []
-    for k, opt in enumerate(table):
-        with lw.swapped(sub, {n: quantized(n, opt.linears[n]) for n in linears}):
-            err = lw.rel_error(block_fn(layer, kind), x, y_ref, br)
-        for n in linears:
-            if last_use[(n, opt.linears[n])] == k:
-                del memo[(n, opt.linears[n])]
-        bits = opt.bits(shapes)
-        weights = sum(K * N for K, N in shapes.values())
-        options.append({"name": opt.name, "bits": int(bits), "bpw": bits / weights, "err": err})
-        if progress:
-            progress(k + 1, len(table), f"{layer_key}.{sub_name}")
+    for group in option_groups(kind, table):
+        errs = score_options(layer, kind, x, y_ref, br,
+                             [{n: quantized(n, table[k].linears[n]) for n in linears} for k in group])
+        for k, err in zip(group, errs):
+            opt = table[k]
+            for n in linears:
+                if last_use[(n, opt.linears[n])] == k:
+                    del memo[(n, opt.linears[n])]
+            bits = opt.bits(shapes)
+            weights = sum(K * N for K, N in shapes.values())
+            options.append({"name": opt.name, "bits": int(bits), "bpw": bits / weights, "err": err})
+            if progress:
+                progress(k + 1, len(table), f"{layer_key}.{sub_name}")
     record = {
         "key": f"{layer_key}.{sub_name}",
         "kind": kind,
