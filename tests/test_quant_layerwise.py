@@ -29,3 +29,36 @@ def test_checkpoint_roundtrip_and_fingerprint(tmp_path):
     assert done == 2 and torch.equal(t["states"], x + 1) and res == {"a": 2}
     assert len(list(tmp_path.glob("q-states-*.safetensors"))) == 1  # older states removed
     assert lw.Checkpoint(tmp_path, "q", "other").load("cpu") is None
+
+
+def test_accumulate_inputs_stops_at_the_linear_with_the_same_hessian():
+    import pytest
+
+    from exl2build.errors import StepError
+    from exl2build.model.linear import FP16Linear
+    from exl2build.quant.hessian import HessianAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    first, second = FP16Linear(torch.randn(8, 6, generator=g)), FP16Linear(torch.randn(5, 8, generator=g))
+    calls = []
+
+    def block(x):
+        calls.append("first")
+        h = first(x)
+        calls.append("second")
+        return second(torch.relu(h))
+
+    x = torch.randn(5, 3, 6, generator=g)
+    whole, part = HessianAccumulator(8), HessianAccumulator(8)
+    with lw.observing(second, whole):
+        lw.run_batched(block, x, 2)
+    calls.clear()
+    lw.accumulate_inputs(block, second, x, 2, part)
+    assert torch.equal(whole.result(), part.result()) and part.tokens == 15
+    assert calls == ["first", "second"] * 3  # 3 batches, each stopped inside `second`
+    calls.clear()
+    lw.accumulate_inputs(block, first, x, 2, HessianAccumulator(6))
+    assert calls == ["first"] * 3
+    with pytest.raises(StepError, match="never called"):
+        lw.accumulate_inputs(lambda x: x, first, x, 2, HessianAccumulator(6))
+    assert first.observe is None

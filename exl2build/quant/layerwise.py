@@ -98,6 +98,28 @@ def observing(linear, sink):
         linear.observe = None
 
 
+class _Reached(Exception):
+    """Raised by accumulate_inputs' hook: the observed linear got its input, stop the block."""
+
+
+def accumulate_inputs(fn, linear, x: torch.Tensor, batch_rows: int, sink) -> None:
+    """Run fn over row batches of x only up to `linear`: its input goes to `sink` (e.g. a
+    HessianAccumulator) and the rest of the block, which that input does not depend on, is
+    skipped. Same inputs, in the same order, as observing(linear, sink) around the whole run."""
+
+    def hook(x2):
+        sink(x2)
+        raise _Reached
+
+    with observing(linear, hook):
+        for i in range(0, x.shape[0], batch_rows):
+            try:
+                fn(x[i : i + batch_rows])
+            except _Reached:
+                continue
+            raise StepError(f"accumulate_inputs: the block never called the linear {linear!r} it was asked to observe.")
+
+
 def fingerprint(model_dir: Path, calib_tokens: torch.Tensor, extra: dict) -> str:
     """Identity of a run's inputs: a checkpoint made for other inputs is never resumed."""
     h = hashlib.sha256()

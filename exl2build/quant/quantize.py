@@ -55,9 +55,7 @@ def quantize_block(layer, kind: str, x: torch.Tensor, option, params: dict, laye
     for names, owner in STAGES[kind]:
         src = getattr(sub, owner)
         acc = HessianAccumulator(src.K, f"{layer_key}.{sub_name}.{owner}", x.device)
-        with lw.observing(src, acc):
-            for i in range(0, x.shape[0], br):
-                block_fn(layer, kind)(x[i : i + br])
+        lw.accumulate_inputs(block_fn(layer, kind), src, x, br, acc)  # runs the block only up to `src`
         prep = prepare(acc.result(), damp, f"{layer_key}.{sub_name}.{owner}")
         del acc  # H is no longer needed once prepared (K x K f32 each)
         for n in names:
