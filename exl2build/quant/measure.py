@@ -150,6 +150,10 @@ def measure_block(layer, kind: str, x: torch.Tensor, params: dict, layer_key: st
     sub = getattr(layer, sub_name)
     br = params["batch_rows"]
     y_ref, hess = block_hessians(layer, kind, x, br, layer_key)
+    for n in linears:  # the FP16 originals do not run again: drop their fp32 copies (CPU)
+        release = getattr(getattr(sub, n), "release_cache", None)
+        if release is not None:
+            release()
     prepared = {}
     for o in sorted(hess):  # the prepared factor replaces H (same size): keep one of them at a time
         prepared[o] = prepare(hess.pop(o), params["damp"], f"{layer_key}.{sub_name}.{o}")
