@@ -8,6 +8,10 @@ An option is kept only when every linear's parameters coincide exactly with one 
 BlockOptions (same group size, widths and fractions): only then do its measured error and
 bits describe what our quantizer will build. Blocks with no coinciding option make the
 import fail with a clear message (re-measure with exl2build instead).
+
+The errors kept are exllamav2's (1 - accuracy: a relative Frobenius norm per calibration row,
+not our per-token RMS), hence "version": 1. Estimating our options from the nearest exllamav2
+option in bpw was considered and rejected; docs/quantization.md says why.
 """
 
 from __future__ import annotations
