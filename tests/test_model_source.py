@@ -43,8 +43,26 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{i}.{_GGUF_NAMES[rest]}"
 
 
-def write_test_gguf(hf_dir: Path, out: Path, tokenizer: str = "llama", bpe=None) -> dict[str, np.ndarray]:
-    """Write `hf_dir` as a GGUF the way llama.cpp's converter would; return the expected fp16 HF tensors."""
+# Byte offsets of the fp16 scale fields inside one block of each K-quant type (llama.cpp's layouts).
+_K_SCALE_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def k_quant_blocks(rows: int, cols: int, qtype, seed: int) -> np.ndarray:
+    """Raw K-quant data for a [rows, cols] tensor: random codes and sub-scales (every bit pattern
+    is a valid block), block scales set to a small finite fp16 (gguf cannot quantize K types)."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    for off in _K_SCALE_FIELDS[qtype]:
+        data[:, :, off:off + 2] = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+    return data.reshape(rows, cols // block * size)
+
+
+def write_test_gguf(hf_dir: Path, out: Path, tokenizer: str = "llama", bpe=None, qtypes=None) -> dict[str, np.ndarray]:
+    """Write `hf_dir` as a GGUF the way llama.cpp's converter would; return the expected fp16 HF tensors.
+
+    qtypes: GGUF type per tensor name suffix (default _QTYPES); K-quant types get random valid blocks
+    in place of the weights (the expected tensors are their dequantization)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = {"llama": "llama", "qwen2": "qwen2"}[cfg["model_type"]]
     w = gguf.GGUFWriter(str(out), arch)
@@ -88,7 +106,7 @@ def write_test_gguf(hf_dir: Path, out: Path, tokenizer: str = "llama", bpe=None)
             arr = permute_rows(torch.from_numpy(arr), cfg["num_attention_heads"]).numpy()
         elif arch == "llama" and gname.endswith("attn_k.weight"):
             arr = permute_rows(torch.from_numpy(arr), cfg["num_key_value_heads"]).numpy()
-        qtype = _QTYPES.get(gname.split(".", 2)[-1] if gname.startswith("blk") else gname)
+        qtype = (qtypes or _QTYPES).get(gname.split(".", 2)[-1] if gname.startswith("blk") else gname)
         if t.dim() == 1:
             w.add_tensor(gname, arr.astype(np.float32))
             stored = arr
@@ -96,7 +114,10 @@ def write_test_gguf(hf_dir: Path, out: Path, tokenizer: str = "llama", bpe=None)
             w.add_tensor(gname, arr.astype(np.float16))
             stored = arr.astype(np.float16).astype(np.float32)
         else:
-            data = gguf.quants.quantize(arr, qtype)
+            if qtype in _K_SCALE_FIELDS:
+                data = k_quant_blocks(arr.shape[0], arr.shape[1], qtype, seed=len(expected))
+            else:
+                data = gguf.quants.quantize(arr, qtype)
             w.add_tensor(gname, data, raw_dtype=qtype)
             stored = gguf.quants.dequantize(data, qtype)
         expected[name] = stored  # in llama.cpp (permuted) row order, un-permuted below
@@ -146,6 +167,23 @@ def test_gguf_llama_import_matches_weights_and_forward(tmp_path):
         text += WIKI_TEST.read_text()[:5000]
     assert rebuilt.encode(text) == orig.encode(text)
     assert rebuilt.decode(rebuilt.encode(text)) == orig.decode(orig.encode(text))
+
+
+@pytest.mark.parametrize("qtypes", [
+    {"ffn_up.weight": Q.Q4_K, "ffn_down.weight": Q.Q6_K, "ffn_gate.weight": Q.Q5_K, "attn_v.weight": Q.Q3_K,
+     "attn_output.weight": Q.Q2_K},
+    {"attn_q.weight": Q.Q4_K, "attn_k.weight": Q.Q6_K},  # K-quants under llama.cpp's Q/K row permutation
+])
+def test_gguf_k_quants_import(tmp_path, qtypes):
+    """K-quant tensors (Q2_K..Q6_K, 256-value blocks) dequantize through the gguf package, Q/K rows
+    un-permuted, into exactly the expected fp16 weights; the imported model runs."""
+    hf = make_tiny_llama(tmp_path / "hf", hidden=256, intermediate=512, heads=4, kv_heads=2)
+    expected = write_test_gguf(hf, tmp_path / "k.gguf", qtypes=qtypes)
+    out = import_source(tmp_path / "k.gguf", tmp_path / "out")
+    _check_weights(out, expected)
+    model, _ = load_model(out)
+    logits = model(torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(2)))
+    assert torch.isfinite(logits).all()
 
 
 def _tiny_bpe():
