@@ -331,14 +331,17 @@ def _theirs_gptq(torch, a, dev, K, N, W0, W, H, U, out, box, layer_w, reps, Adap
     layer.weight.data = layer_w
 
     def theirs_whole():
-        lq = AdaptiveGPTQ(layer)
-        lq.hessian = H.clone()
-        lq.num_batches = 1
-        lq.prepare()
-        lq.configure({4: GROUP}, [4], [1], 4)
-        lq.quantize(keep_qweight=True, apply=False)
-        lq.pack("bench", QParams({4: GROUP}, [4], [1], 4))
-        box["exl2_quant"] = lq.quant[lq.invperm, :]  # dequantized W^T in original row order
+        # Its converter runs the whole per-linear sequence under inference mode (pack writes into
+        # tensors that quantize created there; outside, torch refuses the in-place update).
+        with torch.inference_mode():
+            lq = AdaptiveGPTQ(layer)
+            lq.hessian = H.clone()
+            lq.num_batches = 1
+            lq.prepare()
+            lq.configure({4: GROUP}, [4], [1], 4)
+            lq.quantize(keep_qweight=True, apply=False)
+            lq.pack("bench", QParams({4: GROUP}, [4], [1], 4))
+            box["exl2_quant"] = lq.quant[lq.invperm, :].clone()  # dequantized W^T in original row order
 
     t, ts = timed(torch, dev, lambda: None, theirs_whole, reps)
     out.update(exl2_linear_s=t, exl2_linear_runs=ts, exl2_linear_rel_loss=rel_loss(W0, box["exl2_quant"].float(), H))
