@@ -21,7 +21,6 @@ numbers here are an upper bound of the same allocations on a card.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -33,6 +32,7 @@ import types
 from pathlib import Path
 
 import exl2build  # noqa: F401  (sets the OpenMP wait policy before torch starts)
+from random_llama import write_random_llama  # benchmarks/ (this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = ("hessian", "gptq", "layerwise", "measure")  # import order: each may import the ones before
@@ -71,27 +71,9 @@ class Sampler:
 
 
 def write_model(root: Path, a) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(0)
-    h, i, nh, nkv, v = a.hidden, a.intermediate, a.heads, a.kv_heads, 256
-    hd = h // nh
-    t = {"model.embed_tokens.weight": torch.randn(v, h, generator=g).half(), "model.norm.weight": torch.ones(h).half()}
-    p = "model.layers.0."
-    shapes = {"self_attn.q_proj": (nh * hd, h), "self_attn.k_proj": (nkv * hd, h), "self_attn.v_proj": (nkv * hd, h),
-              "self_attn.o_proj": (h, nh * hd), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-    for name, (o, k) in shapes.items():
-        t[p + name + ".weight"] = (torch.randn(o, k, generator=g) * k**-0.5).half()
-    t[p + "input_layernorm.weight"] = torch.ones(h).half()
-    t[p + "post_attention_layernorm.weight"] = torch.ones(h).half()
-    save_file(t, str(root / "model.safetensors"))
-    (root / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": i,
-        "num_hidden_layers": 1, "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": v,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"}))
-    return root
+    """One 7B-shaped (by default) decoder layer; a 256-token vocabulary keeps the embedding small."""
+    return write_random_llama(root, layers=1, hidden=a.hidden, intermediate=a.intermediate, heads=a.heads,
+                              kv_heads=a.kv_heads, vocab=256)
 
 
 def main() -> int:

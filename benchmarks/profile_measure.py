@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pstats
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import exl2build  # noqa: F401  (sets the OpenMP wait policy before torch starts)
 import torch
-from safetensors.torch import save_file
+from random_llama import write_random_llama  # benchmarks/ (this script's folder)
 
 from exl2build.quant.measure import measure_model
 
@@ -27,25 +26,7 @@ SMOLLM2 = dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152)
 
 
 def write_model(root: Path, layers: int) -> Path:
-    g = torch.Generator().manual_seed(0)
-    h, i, nh, nkv, v = (SMOLLM2[k] for k in ("hidden", "intermediate", "heads", "kv_heads", "vocab"))
-    hd = h // nh
-    t = {"model.embed_tokens.weight": torch.randn(v, h, generator=g).half(), "model.norm.weight": torch.ones(h).half()}
-    for n in range(layers):
-        p = f"model.layers.{n}."
-        shapes = {"self_attn.q_proj": (nh * hd, h), "self_attn.k_proj": (nkv * hd, h), "self_attn.v_proj": (nkv * hd, h),
-                  "self_attn.o_proj": (h, nh * hd), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-        for name, (o, k) in shapes.items():
-            t[p + name + ".weight"] = (torch.randn(o, k, generator=g) * k**-0.5).half()
-        t[p + "input_layernorm.weight"] = torch.ones(h).half()
-        t[p + "post_attention_layernorm.weight"] = torch.ones(h).half()
-    save_file(t, str(root / "model.safetensors"))
-    (root / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": i,
-        "num_hidden_layers": layers, "num_attention_heads": nh, "num_key_value_heads": nkv, "vocab_size": v,
-        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"}))
-    return root
+    return write_random_llama(root, layers=layers, **SMOLLM2, rope_theta=100000.0, max_positions=8192, tie=True)
 
 
 def main() -> int:
