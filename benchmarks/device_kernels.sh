@@ -3,7 +3,8 @@
 # the kernel benchmarks, and compute-sanitizer over a pass through every kernel.
 # Logs land in $OUT (build.log, pytest.log, bench.log, bench.md, bench.json, sanitize.log).
 # Usage on the device machine, from the repository root: bash benchmarks/device_kernels.sh [--quick]
-# (SKIP_SANITIZER=1 skips the compute-sanitizer passes).
+# (SKIP_SANITIZER=1 skips the compute-sanitizer passes, SKIP_NCU=1 the Nsight Compute pass;
+# PYTEST_K selects tests by -k expression; NCU_KERNEL (default exl2_gemv) names the profiled kernel).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +27,7 @@ cd /tmp
 $PY -c "import exl2build._native as n; print('built_with_cuda', n.built_with_cuda, 'SMs', n.cuda.device_sm_count())"
 
 echo "== pytest $(date -u +%T)"
-timeout 240 $PY -m pytest "$REPO/tests/test_kernels_cuda.py" -q -n 16 -p no:cacheprovider --rootdir "$REPO" \
+timeout 240 $PY -m pytest "$REPO/tests/test_kernels_cuda.py" -q -n 16 -p no:cacheprovider --rootdir "$REPO" ${PYTEST_K:+-k "$PYTEST_K"} \
   > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
 
@@ -35,11 +36,17 @@ timeout 300 $PY "$REPO/benchmarks/kernels.py" "$@" --out "$OUT/bench.md" --json 
 echo "bench rc=$?"; grep -v "^|" "$OUT/bench.log" | head -80
 
 echo "== ncu $(date -u +%T)"
-timeout 120 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-  --section LaunchStats --section SchedulerStats --section SourceCounters -k regex:exl2_matmul -c 1 \
+[ -n "${SKIP_NCU:-}" ] || timeout 120 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+  --section LaunchStats --section SchedulerStats --section SourceCounters --section InstructionStats -k regex:${NCU_KERNEL:-exl2_gemv} -c 1 \
   $PY "$REPO/benchmarks/kernels.py" --profile > "$OUT/ncu.log" 2>&1
-echo "ncu rc=$?"; grep -E "exl2_matmul_kernel|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|No Eligible|Warp Cycles Per Issued|stall|Stall" "$OUT/ncu.log" | head -40
+echo "ncu rc=$?"; grep -E "exl2_matmul_kernel|exl2_gemv_kernel|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|No Eligible|Warp Cycles Per Issued|stall|Stall" "$OUT/ncu.log" | head -40
 
+if [ -n "${SASS_STATS:-}" ]; then  # opcode histogram of the profiled kernel's SASS
+  so=$($PY -c "import exl2build._native as n; print(n.__file__)")
+  cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1
+  awk -v k="${NCU_KERNEL:-exl2_gemv}" '/Function :/{f=index($0,k)>0} f && /\/\*[0-9a-f]{4}\*\//{print $2}' "$OUT/sass.txt" \
+    | sed 's/\..*//; s/;//' | sort | uniq -c | sort -rn | head -30
+fi
 echo "== compute-sanitizer $(date -u +%T)"
 [ -n "${SKIP_SANITIZER:-}" ] && { echo "skipped (SKIP_SANITIZER set)"; exit 0; }
 for tool in memcheck racecheck; do

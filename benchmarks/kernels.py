@@ -148,6 +148,24 @@ def matmul_args(x, qt, y):
             qt.q_weight.shape[1], qt.q_scale_max.shape[0], True]
 
 
+def gemv_args(x, qt, y):
+    from exl2build import kernels
+
+    meta, uperm, max_bits = kernels.unit_tables(qt)
+    return [x.data_ptr(), qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), meta.data_ptr(), uperm.data_ptr(),
+            y.data_ptr(), x.shape[0], qt.K, qt.N, qt.q_weight.shape[1], meta.shape[0], max_bits]
+
+
+def gemv(argsets, warps, ks):
+    """fn() launching the decode-sized kernel over the rotating weight copies."""
+    it = [0]
+
+    def fn():
+        assert C.exl2_matmul_gemv(*argsets[it[0] % len(argsets)], warps, ks, stream())
+        it[0] += 1
+    return fn
+
+
 def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
     qt0 = random_qtensor(K, N, bpw, seed=K + N)
     wb = weight_bytes(qt0)
@@ -158,7 +176,7 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
     for M in Ms:
         x = (torch.randn(M, K, device="cuda") * 0.5).half()
         y = torch.empty(M, N, device="cuda", dtype=torch.float16)
-        t_alt = t_deq = None
+        t_alt = t_deq = t_tc = None
         if M <= 32:
             argsets = [matmul_args(x, qt, y) for qt in qts]
 
@@ -171,8 +189,11 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
                 return fn
 
             inner = 4 * len(argsets) if not quick else len(argsets)
-            t = time_graph(fused(MATMUL_TC), inner)  # the tensor-core kernel
+            t = t_tc = time_graph(fused(MATMUL_TC), inner)  # the tensor-core kernel
             t_alt = time_graph(fused(MATMUL_SIMT), inner)  # the SIMT kernel of the previous rounds
+            if M <= 8:  # the decode-sized kernel, the default there on sm_90
+                gsets = [gemv_args(x, qt, y) for qt in qts]
+                t = time_graph(gemv(gsets, 0, 0), inner)
         else:
             w = torch.empty(K, N, device="cuda", dtype=torch.float16)
 
@@ -221,7 +242,8 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
         rows.append({
             "K": K, "N": N, "bpw": bpw, "M": M, "us": t * 1e6, "GBps": bw / 1e9, "copy_ratio": bw / copy_bw,
             "TFLOPs": 2 * M * K * N / t / 1e12, "fp16_us": tb * 1e6, "weight_MB": wb / 1e6,
-            "path": "fused" if M <= 32 else "dequant+cuBLAS",
+            "path": ("decode-sized" if M <= 8 else "fused") if M <= 32 else "dequant+cuBLAS",
+            "tc_us": None if t_tc is None else t_tc * 1e6,
             # M <= 32: the SIMT fused kernel; M > 32: the previous dequant kernel + cuBLAS
             "alt_us": t_alt * 1e6,
             # M > 32: the dequantization alone, and its bandwidth (packed bytes read + fp16 written)
@@ -231,7 +253,7 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
         r = rows[-1]
         print(f"{K:>6}x{N:<6} {bpw:>4} bpw M={M:<5} {r['us']:9.1f} us  {r['GBps']:7.0f} GB/s  "
               f"{100 * r['copy_ratio']:5.1f}% of copy  {r['TFLOPs']:7.2f} TFLOP/s  fp16 cuBLAS {r['fp16_us']:9.1f} us  "
-              f"previous kernel {r['alt_us']:9.1f} us" + ("" if t_deq is None else f"  dequant alone {r['dequant_us']:.1f} us "
+              f"previous kernel {r['alt_us']:9.1f} us" + ("" if t_tc is None or M > 8 else f"  tensor-core M<=32 kernel {t_tc * 1e6:.1f} us") + ("" if t_deq is None else f"  dequant alone {r['dequant_us']:.1f} us "
               f"({100 * r['dequant_copy_ratio']:.0f}% of copy)"),
               flush=True)
     del qts
@@ -258,6 +280,27 @@ def sweep_launch_shapes(copy_bw, rows):
                 print(f"sweep {K}x{N} M={M} 4.0bpw ks={ks or 'default'}: {t * 1e6:7.1f} us  "
                       f"{100 * wb / t / copy_bw:5.1f}% of copy", flush=True)
         del qts
+
+
+def sweep_gemv(copy_bw, rows, bpws=(4.0,)):
+    """Warps per block x K splits (cluster size) of the decode-sized kernel at M = 1."""
+    for bpw in bpws:
+        for (K, N) in [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]:
+            q0 = random_qtensor(K, N, bpw, seed=91)
+            qts = [q0] + [random_qtensor(K, N, bpw, seed=91 + i) for i in range(1, max(2, math.ceil(2 * L2_BYTES / weight_bytes(q0))))]
+            wb = weight_bytes(qts[0])
+            x = (torch.randn(1, K, device="cuda") * 0.5).half()
+            y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+            gsets = [gemv_args(x, qt, y) for qt in qts]
+            line = []
+            for warps in (2, 4):
+                for ks in (0, 1, 2, 4, 8, 12, 16):
+                    t = time_graph(gemv(gsets, warps, ks), 4 * len(gsets))
+                    rows.append({"K": K, "N": N, "bpw": bpw, "M": 1, "warps": warps, "ks": ks, "us": t * 1e6,
+                                 "copy_ratio": wb / t / copy_bw})
+                    line.append(f"w{warps}/ks{ks or 'd'} {t * 1e6:.1f}")
+            print(f"gemv sweep {K}x{N} {bpw} bpw M=1: " + "  ".join(line), flush=True)
+            del qts
 
 
 # ----------------------------------------------------------------------------- gptq, scales
@@ -393,6 +436,10 @@ def sanitize_pass():
                                    (0, 5, 16), (0, 0, 16)):
                 y = torch.empty(M, N, device="cuda", dtype=torch.float16)
                 C.exl2_matmul_cfg(*matmul_args(x, qt, y), stream(), cpt, ks, flags)
+            if M <= 8:
+                for warps, ks in ((2, 1), (4, 3), (4, 16), (2, 9)):
+                    y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+                    gemv([gemv_args(x, qt, y)], warps, ks)()
     logits = torch.randn(5, 3001, device="cuda").half()
     t = torch.randint(0, 3001, (5,), device="cuda")
     lp = torch.log_softmax(torch.randn(5, 3001, device="cuda"), 1).topk(8, 1)
@@ -403,10 +450,11 @@ def sanitize_pass():
 
 
 def profile_pass():
-    """A few launches of the fused kernel for Nsight Compute (4096x14336, 4.0 bpw, M = 1)."""
+    """One launch of each fused kernel for Nsight Compute (4096x14336, 4.0 bpw, M = 1)."""
     qt = random_qtensor(4096, 14336, 4.0, seed=3)
     x = (torch.randn(1, 4096, device="cuda") * 0.5).half()
     y = torch.empty(1, 14336, device="cuda", dtype=torch.float16)
+    gemv([gemv_args(x, qt, y)], 0, 0)()
     for flags in (MATMUL_TC, MATMUL_SIMT):
         C.exl2_matmul_cfg(*matmul_args(x, qt, y), stream(), 0, 0, flags)
     torch.cuda.synchronize()
@@ -419,6 +467,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--gemv", action="store_true", help="only the ceilings, M = 1 and 8, and the decode-sized kernel's sweep")
     ap.add_argument("--profile", action="store_true", help="launch the fused kernel for ncu and exit")
     args = ap.parse_args()
     if args.profile:
@@ -438,9 +487,18 @@ def main():
     print(f"card {res['card']} ({res['sms']} SMs): copy {res['copy_GBps']:.0f} GB/s, fp16 matmul {res['fp16_TFLOPs']:.0f} TFLOP/s",
           flush=True)
     copy_bw = res["copy_GBps"] * 1e9
-    res["matmul"], res["sweep"], res["gptq"], res["logits"] = [], [], [], []
+    res["matmul"], res["sweep"], res["gptq"], res["logits"], res["gemv_sweep"] = [], [], [], [], []
     shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
     Ms = [1, 8, 32, 2048]
+    if args.gemv:
+        for K, N in shapes:
+            for bpw in (2.5, 4.0, 6.0):
+                bench_matmul(K, N, bpw, [1, 8], copy_bw, res["fp16_TFLOPs"], res["matmul"], True)
+        sweep_gemv(copy_bw, res["gemv_sweep"], (2.5, 4.0, 6.0) if not args.quick else (4.0,))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     for K, N in shapes:
         for bpw in (2.5, 4.0, 6.0):
             bench_matmul(K, N, bpw, Ms, copy_bw, res["fp16_TFLOPs"], res["matmul"], args.quick)

@@ -19,6 +19,7 @@ except ImportError as e:  # pragma: no cover - only when the package was never b
 
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8)
 FUSED_MATMUL_MAX_ROWS = 32  # above this exl2_matmul is dequant + torch.matmul
+GEMV_MAX_ROWS = 8  # up to this, f16 on sm_90 runs the decode-sized kernel (native/cuda/matmul_gemv.cu)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -256,6 +257,55 @@ def dequant(qt, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     return out
 
 
+# Position of unit slot i (row i of a 32-row unit) in the tensor-core kernels' K-slot order:
+# pair r = rows (8t + r, 8t + r + 4) of lane t, stored as [t][pair][lo/hi] (tc_decode.cuh).
+_SLOT_POSITION = torch.tensor([(i >> 3) * 8 + (i & 3) * 2 + ((i >> 2) & 1) for i in range(32)])
+
+
+def unit_tables(qt) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(unit_meta int32 [U, 4], unit_perm int32 [U * 32], max bits) of a QTensor, on its device.
+
+    A unit is 32 rows of one group (a group's last unit may be shorter). unit_meta holds, per
+    unit: first word row in q_weight, first permuted K row, bits | words << 4 | rows << 10 |
+    (last unit of its group) << 16, and group | q_scale_max bits << 16. unit_perm holds the
+    input channel of each unit slot in the kernels' K-slot order (-1 past a short unit's rows).
+    The decode-sized CUDA kernel reads these instead of rebuilding them in every block. Built
+    on the host once per QTensor and cached while its tensors stay the same; None when the
+    linear has more groups than the tables can name (65536).
+    """
+    ident = _qtensor_identity(qt)
+    cached = getattr(qt, "_unit_tables", None)
+    if cached is not None and cached[0] == ident:
+        return cached[1]
+    groups = qt.group_rows()
+    tables = None
+    if len(groups) < 65536:
+        qg = [v & 0xFFFF for v in qt.q_groups.to("cpu", torch.int64).tolist()]
+        smax = (qt.q_scale_max.to("cpu").view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
+        meta = []
+        for g, (bits, k_row, rows) in enumerate(groups):
+            n_units = (rows + 31) // 32
+            for lu in range(n_units):
+                r = min(32, rows - 32 * lu)
+                w = g | (smax[g] << 16)
+                meta.append((qg[2 * g + 1] + lu * bits, k_row + 32 * lu,
+                             bits | (((r * bits + 31) // 32) << 4) | (r << 10) | (int(lu == n_units - 1) << 16),
+                             w - (1 << 32) if w >= (1 << 31) else w))
+        meta_t = torch.tensor(meta, dtype=torch.int32)
+        slot = torch.arange(32)
+        rows_u = (meta_t[:, 2] >> 10) & 63
+        src = meta_t[:, 1:2].long() + slot[None, :]
+        src[slot[None, :] >= rows_u[:, None]] = -1
+        by_pos = torch.empty_like(src)
+        by_pos[:, _SLOT_POSITION] = src
+        by_pos = by_pos.reshape(-1).to(qt.q_weight.device)
+        perm = qt.perm.long()
+        uperm = torch.where(by_pos >= 0, perm[by_pos.clamp(min=0)], -1).to(torch.int32)
+        tables = (meta_t.to(qt.q_weight.device), uperm, max(b for b, _, _ in groups))
+    object.__setattr__(qt, "_unit_tables", (ident, tables))
+    return tables
+
+
 def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W (x in original channel order; no bias). Same dtype as x.
 
@@ -271,6 +321,14 @@ def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
         w = dequant(qt, x.dtype if dev.type == "cuda" else torch.float32)
         return torch.matmul(x.to(w.dtype), w).to(x.dtype)
     y = torch.empty(M, qt.N, dtype=x.dtype, device=dev)
+    if dev.type == "cuda" and x.dtype == torch.float16 and 0 < M <= GEMV_MAX_ROWS:
+        tables = unit_tables(qt)
+        if tables is not None:
+            meta, uperm, max_bits = tables
+            if _call("exl2_matmul_gemv", dev, x.data_ptr(), qt.q_weight.data_ptr(), qt.q_scale.data_ptr(),
+                     meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), M, K, qt.N, qt.q_weight.shape[1],
+                     meta.shape[0], max_bits, 0, 0):
+                return y
     args = [x.data_ptr(), qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),
             qt.q_groups.data_ptr(), qt.perm.data_ptr(), y.data_ptr(), M, K, qt.N, qt.q_weight.shape[1],
             qt.q_scale_max.shape[0]]

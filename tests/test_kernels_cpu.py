@@ -217,6 +217,48 @@ def test_exl2_matmul_zero_rows():
     assert kernels.exl2_matmul(torch.zeros(0, 64), qt).shape == (0, 32)
 
 
+@pytest.mark.parametrize("K,N,layout", LAYOUTS + [(100, 40, [(8, 64), (8, 36)])])
+def test_unit_tables_describe_every_row_once(K, N, layout):
+    """The decode-sized CUDA kernel's tables: each unit names its words, rows, group and scale_max,
+    and unit_perm maps each unit slot (in the kernels' K-slot order) to the row's input channel."""
+    qt = mixed_qtensor(K, N, layout, seed=K)
+    meta, uperm, max_bits = kernels.unit_tables(qt)
+    assert max_bits == max(b for b, _ in layout)
+    qg = qt.q_groups.long().tolist()
+    smax_bits = qt.q_scale_max.view(torch.int16).long().tolist()
+    units = []
+    for g, (bits, k_row, rows) in enumerate(qt.group_rows()):
+        for lu in range((rows + 31) // 32):
+            units.append((g, bits, qg[2 * g + 1] + lu * bits, k_row + 32 * lu, min(32, rows - 32 * lu),
+                          lu == (rows + 31) // 32 - 1))
+    assert meta.shape == (len(units), 4) and meta.dtype == torch.int32
+    assert uperm.shape == (32 * len(units),) and uperm.dtype == torch.int32
+    seen = []
+    perm = qt.perm.tolist()
+    for u, (g, bits, word, k0, rows, last) in enumerate(units):
+        x, y, z, w = meta[u].tolist()
+        assert (x, y) == (word, k0)
+        assert (z & 15, (z >> 4) & 63, (z >> 10) & 63, (z >> 16) & 1) == (bits, (rows * bits + 31) // 32, rows, last)
+        assert (w & 0xFFFF, (w >> 16) & 0xFFFF) == (g, smax_bits[g] & 0xFFFF)
+        for i in range(32):
+            pos = (i >> 3) * 8 + (i & 3) * 2 + ((i >> 2) & 1)  # lane i // 8, pair i % 4, half (i // 4) % 2
+            got = uperm[32 * u + pos].item()
+            assert got == (perm[k0 + i] if i < rows else -1)
+            if got >= 0:
+                seen.append(got)
+    assert sorted(seen) == list(range(K))
+
+
+def test_unit_tables_follow_a_replaced_permutation():
+    qt = mixed_qtensor(64, 32, [(4, 64)], seed=2)
+    first = kernels.unit_tables(qt)[1].clone()
+    assert kernels.unit_tables(qt)[1] is kernels.unit_tables(qt)[1]  # cached
+    qt.q_invperm = qt.q_invperm.flip(0).contiguous()
+    again = kernels.unit_tables(qt)[1]
+    assert not torch.equal(first, again)
+    assert sorted(again.tolist()) == list(range(64))
+
+
 # ----------------------------------------------------------------------------- logits
 
 

@@ -4,7 +4,8 @@ plain-torch spec (exl2build.kernels_ref).
 Error bounds per kernel:
 - pack/unpack codes and scales, quantize_rows, group_scale_search, gptq_group, dequant:
   bit-exact (torch.equal), the arithmetic follows the reference operation by operation.
-- exl2_matmul: f32 accumulation, the scales applied per group: relative Frobenius error
+- exl2_matmul (SIMT, tensor-core and decode-sized kernels): f32 accumulation, the scales
+  applied per group: relative Frobenius error
   <= 1e-5 against x.float() @ dequant_f32 for f32 I/O; for f16 I/O <= 2e-3 and elementwise
   within one f16 rounding of the output plus 1e-3 * max|y|.
 - logit_stats: nll within 1e-5 (abs+rel), argmax exact, kld within 1e-4 rel / 1e-5 abs.
@@ -278,8 +279,12 @@ def test_exl2_matmul_matches_reference(K, N, layout, M):
     xh = x.half()
     yh = _matmul_native(xh, qd, M)
     _check_matmul(yh, xh, w32, True)
-    # kernels.py dispatch gives the same result
-    assert torch.equal(kernels.exl2_matmul(xh, qd), yh)
+    # kernels.py dispatch: the same kernel above M = 8; the decode-sized kernel (sm_90) below
+    yk = kernels.exl2_matmul(xh, qd)
+    if M > kernels.GEMV_MAX_ROWS:
+        assert torch.equal(yk, yh)
+    else:
+        _check_matmul(yk, xh, w32, True)
 
 
 _SHAPES_QT = {}
@@ -348,6 +353,73 @@ def test_exl2_matmul_tensor_core_k_splits(ks, M):
     y = _matmul_native(xh, qd, M, (0, ks, TC_FORCE))
     _check_matmul(y, xh, w32, True)
     assert torch.equal(y, _matmul_native(xh, qd, M, (0, ks, TC_FORCE))), "not deterministic"
+
+
+def _gemv_native(xh, qd, M, warps=0, ks=0):
+    """The decode-sized kernel (matmul_gemv.cu) directly; (launched?, y)."""
+    meta, uperm, max_bits = kernels.unit_tables(qd)
+    y = poisoned((M, qd.N), torch.float16, float("nan"))
+    done = _native.cuda.exl2_matmul_gemv(xh.data_ptr(), qd.q_weight.data_ptr(), qd.q_scale.data_ptr(),
+                                         meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), M, qd.K, qd.N, qd.n_pad,
+                                         meta.shape[0], max_bits, warps, ks, stream())
+    torch.cuda.synchronize()
+    return done, y
+
+
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                                reason="the decode-sized kernel needs sm_90 clusters")
+
+
+@needs_sm90
+@pytest.mark.parametrize("K,N,layout", LAYOUTS)
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("warps", [2, 4])
+def test_exl2_matmul_gemv_matches_reference(K, N, layout, M, warps):
+    qt = random_qtensor(K, N, layout, seed=5 * K + N)
+    qd = qt.to(DEV)
+    w32 = kernels_ref.dequant(qt, torch.float32)
+    xh = torch.randn(M, K, generator=gen(M + 3 * K)).half().to(DEV)
+    done, y = _gemv_native(xh, qd, M, warps)
+    assert done
+    _check_matmul(y, xh, w32, True)
+
+
+@needs_sm90
+@pytest.mark.parametrize("ks", [1, 2, 3, 7, 8, 9, 16])
+@pytest.mark.parametrize("M", [1, 4, 8])
+def test_exl2_matmul_gemv_k_splits(ks, M):
+    """Every K split (clusters of up to 16 blocks) computes the same product, deterministically."""
+    qt, w32 = _launch_shapes_qtensor()
+    qd = qt.to(DEV)
+    xh = torch.randn(M, qt.K, generator=gen(8)).half().to(DEV)
+    done, y = _gemv_native(xh, qd, M, 4, ks)
+    assert done
+    _check_matmul(y, xh, w32, True)
+    assert torch.equal(y, _gemv_native(xh, qd, M, 4, ks)[1]), "not deterministic"
+
+
+@needs_sm90
+@pytest.mark.parametrize("offset", [3.0, -20.0])
+def test_exl2_matmul_gemv_activations_far_from_zero_mean(offset):
+    """The kernel subtracts (1024 + 2^(b-1)) * sum(x) from f32 sums that carry it: activations with
+    a large mean (sum(x) >> the signal) still meet the bound."""
+    K, N, layout = 1024, 1000, [(8, 128), (6, 128), (5, 128), (4, 256), (3, 256), (2, 128)]
+    qt = random_qtensor(K, N, layout, seed=21)
+    qd = qt.to(DEV)
+    w32 = kernels_ref.dequant(qt, torch.float32)
+    for M in (1, 8):
+        xh = (torch.randn(M, K, generator=gen(M)) + offset).half().to(DEV)
+        done, y = _gemv_native(xh, qd, M)
+        assert done
+        _check_matmul(y, xh, w32, True)
+
+
+@needs_sm90
+def test_exl2_matmul_gemv_declines_what_it_cannot_run():
+    qt, _ = _launch_shapes_qtensor()
+    qd = qt.to(DEV)
+    xh = torch.randn(9, qt.K, generator=gen(9)).half().to(DEV)
+    assert not _gemv_native(xh, qd, 9)[0]  # M > 8
 
 
 def _shifted_q_weight(qd, words: int):

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels_cuda.cuh"
+#include "matmul_gemv.cuh"
 #include "matmul_tc.cuh"
 
 namespace py = pybind11;
@@ -78,6 +79,17 @@ void register_cuda(py::module_& m) {
         exl2cuda::exl2_matmul(ptr<const void>(x), ptr<const int32_t>(qw), ptr<const int32_t>(qs),
                               ptr<const uint16_t>(qsm), ptr<const int16_t>(qg), ptr<const int32_t>(perm), ptr<void>(y),
                               M, K, N, n_pad, G, io_is_f16, stream, cols_per_thread, k_splits, flags);
+    }, nogil);
+    // The decode-sized kernel (M <= 8, sm_90) with the per-unit tables of kernels.unit_tables;
+    // returns False when it does not apply. warps (2 or 4, 0 = default) and k_splits (1..16,
+    // 0 = choose) are for benchmarks/kernels.py.
+    m.def("exl2_matmul_gemv", [](P x, P qw, P qs, P umeta, P uperm, P y, int64_t M, int64_t K, int64_t N,
+                                 int64_t n_pad, int64_t U, int max_bits, int warps, int k_splits, P stream) {
+        return exl2cuda::exl2_matmul_gemv(ptr<const void>(x), ptr<const int32_t>(qw), ptr<const int32_t>(qs),
+                                          ptr<const int32_t>(umeta), ptr<const int32_t>(uperm), ptr<void>(y), M, K,
+                                          N, n_pad, U, max_bits, stream, exl2cuda::device_sm_count(),
+                                          exl2cuda::device_cc_major(), exl2cuda::device_smem_optin(), warps,
+                                          k_splits);
     }, nogil);
     m.def("logit_stats", [](P logits, bool is_f16, int64_t T, int64_t V, P targets, P ref_idx, P ref_logp, int64_t k,
                             P nll, P argmax, P kld, P stream) {

@@ -29,6 +29,7 @@
 
 #include "common.cuh"
 #include "matmul_tc.cuh"
+#include "tc_decode.cuh"
 
 namespace cg = cooperative_groups;
 
@@ -43,65 +44,6 @@ constexpr int TC_STAGES = 3;
 
 __host__ __device__ inline int64_t align4i(int64_t v) { return (v + 3) / 4 * 4; }
 
-// The weight loads of one unit for one lane, and what is needed to finish its group.
-struct Stage {
-    uint4 w[2][2];  // [word row j0, j0 + 1][column chunk 0, 1]
-    uint32_t sc[2]; // q_scale words of the lane's two column chunks
-};
-
-__device__ __forceinline__ uint4 ldg4(const int32_t* p, bool pred) {
-    return pred ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
-}
-
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int k) {
-    return k == 0 ? v.x : (k == 1 ? v.y : (k == 2 ? v.z : v.w));
-}
-
-// Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + code,
-// from the 64-bit window (hi:lo) that starts at the lane's first code.
-template <int B>
-__device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t (&P)[4]) {
-    if constexpr (B == 4) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) P[r] = ((lo >> (4 * r)) & 0x000F000Fu) | 0x64006400u;
-    } else if constexpr (B == 8) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) P[r] = (__byte_perm(lo, hi, r | (r << 4) | ((4 + r) << 8) | ((4 + r) << 12)) & 0x00FF00FFu) | 0x64006400u;
-    } else if constexpr (B == 2) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const uint32_t v = lo >> (2 * r);
-            P[r] = (v & 0x3u) | ((v << 8) & 0x30000u) | 0x64006400u;
-        }
-    } else {
-        constexpr uint32_t mask = (1u << B) - 1u;
-        auto code = [&](int i) -> uint32_t {
-            const int o = i * B;
-            if (o + B <= 32) return (lo >> o) & mask;
-            if (o >= 32) return (hi >> (o - 32)) & mask;
-            return __funnelshift_r(lo, hi, o) & mask;
-        };
-#pragma unroll
-        for (int r = 0; r < 4; ++r) P[r] = code(r) | (code(r + 4) << 16) | 0x64006400u;
-    }
-}
-
-// fp16 pairs 1024 + q -> q - 2^(B-1), exactly.
-template <int B>
-__device__ __forceinline__ uint32_t center(uint32_t p) {
-    constexpr uint32_t bias = (0x6400u | (1u << (B - 1))) * 0x10001u;
-    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&p), *reinterpret_cast<const __half2*>(&bias));
-    return *reinterpret_cast<const uint32_t*>(&r);
-}
-
-// Column k (0..7) of a lane's window pair: chunk k / 4, word k % 4.
-template <int B>
-__device__ __forceinline__ void lane_pairs(const Stage& st, int k, int sh, uint32_t (&P)[4]) {
-    const uint32_t w0 = word_of(st.w[0][k >> 2], k & 3), w1 = word_of(st.w[1][k >> 2], k & 3);
-    decode_pairs<B>(__funnelshift_r(w0, w1, sh), w1 >> sh, P);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) P[r] = center<B>(P[r]);
-}
 
 // Issue the loads of unit u (of group g) for lane t's columns col0 + 0..3 and col1 + 0..3.
 __device__ __forceinline__ void load_unit(Stage& st, const GroupTable& gt, const int32_t* __restrict__ qw,
@@ -123,37 +65,6 @@ __device__ __forceinline__ void load_unit(Stage& st, const GroupTable& gt, const
     st.sc[1] = v1 ? (uint32_t)__ldg(s + (col1 >> 3)) : 0u;
 }
 
-// The scale of the lane's column k (0..7) from its two q_scale words.
-__device__ __forceinline__ float lane_scale(const Stage& st, int gid, int k, __half smax) {
-    const int sh = (gid & 1) * 16 + 4 * (k & 3);
-    return exl2_scale((int)((st.sc[k >> 2] >> sh) & 15u) + 1, smax);
-}
-
-__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#endif
-}
-
-// One unit: tmp[i][tau] += A(tile i) x B(token tile tau) over the unit's 32 rows.
-template <int B, int NT>
-__device__ __forceinline__ void mma_unit(const Stage& st, int t, const uint4 (&xb)[NT], float (&tmp)[4][NT][4]) {
-    const int sh = (8 * t * B) & 31;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        uint32_t PA[4], PB[4];
-        lane_pairs<B>(st, 2 * i, sh, PA);
-        lane_pairs<B>(st, 2 * i + 1, sh, PB);
-#pragma unroll
-        for (int tau = 0; tau < NT; ++tau) {
-            mma16816(tmp[i][tau], PA[0], PB[0], PA[1], PB[1], xb[tau].x, xb[tau].y);
-            mma16816(tmp[i][tau], PA[2], PB[2], PA[3], PB[3], xb[tau].z, xb[tau].w);
-        }
-    }
-}
 
 // What a warp needs to know about one 32-row unit, built once per block in shared memory so the
 // main loop spends one 16-byte shared load per unit on bookkeeping:
@@ -286,7 +197,6 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
             for (int e = 0; e < 4; ++e) acc[i][tau][e] = tmp[i][tau][e] = 0.0f;
 
     const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
-    const __half inv256 = __float2half_rn(1.0f / 256.0f);
     for (int u = wu0; u < wu1; u += TC_STAGES) {
 #pragma unroll
         for (int s = 0; s < TC_STAGES; ++s) {
@@ -308,28 +218,8 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
                     case 8: mma_unit<8, NT>(st[s], t, xb, tmp); break;
                     default: break;
                 }
-                if (((um.z >> 16) & 1) || uu + 1 == wu1) {
-                    // The group's partial sums times its per-column scales, the loader's fp16 value
-                    // half(s*s) * (half(scale_max) * half(1/256)).
-                    const __half hs = __hmul(__ushort_as_half((unsigned short)(um.w >> 16)), inv256);
-                    const int nib = (gid & 1) * 16;
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const uint32_t sw = st[s].sc[i >> 1] >> (nib + 8 * (i & 1));
-                        const int qa = (int)(sw & 15u) + 1, qb = (int)((sw >> 4) & 15u) + 1;
-                        const float sa = __half2float(__hmul(__float2half_rn((float)(qa * qa)), hs));
-                        const float sb = __half2float(__hmul(__float2half_rn((float)(qb * qb)), hs));
-#pragma unroll
-                        for (int tau = 0; tau < NT; ++tau) {
-                            acc[i][tau][0] = fmaf(tmp[i][tau][0], sa, acc[i][tau][0]);
-                            acc[i][tau][1] = fmaf(tmp[i][tau][1], sa, acc[i][tau][1]);
-                            acc[i][tau][2] = fmaf(tmp[i][tau][2], sb, acc[i][tau][2]);
-                            acc[i][tau][3] = fmaf(tmp[i][tau][3], sb, acc[i][tau][3]);
-#pragma unroll
-                            for (int e = 0; e < 4; ++e) tmp[i][tau][e] = 0.0f;
-                        }
-                    }
-                }
+                if (((um.z >> 16) & 1) || uu + 1 == wu1)
+                    finish_group<NT>(st[s].sc, gid, (unsigned short)(um.w >> 16), tmp, acc);
                 const int nx = uu + TC_STAGES;
                 if (nx < wu1) load_unit_meta(st[s], umeta[nx - ub], qw, qs, n_pad, t, col0, col1, v0, v1);
             }

@@ -1,0 +1,399 @@
+// Tensor-core EXL2 matmul for decode-sized M (1..8): y[M, N] = x[M, K] @ W, f16 in and out.
+//
+// At M <= 8 the product reads every weight once and does almost no math per byte, so the
+// kernel is a memory stream: what matters is how many bytes are in flight and how little
+// happens before the first load. Compared with matmul_tc.cu (which serves M up to 32):
+//  * The per-unit bookkeeping comes from tables built once per linear on the host (unit_meta:
+//    word row, bit width, rows, group, scale_max per 32-row unit; unit_perm: the input
+//    channel of each K slot of each unit, in the mma's slot order). No group-table scan, no
+//    binary searches: a block's first weight loads go out after one round trip.
+//  * Each warp owns 64 output columns and streams its units through a ring of GV_STAGES
+//    shared-memory stages with cp.async, so up to GV_STAGES - 1 units per warp are in flight
+//    without holding registers; the warps of a block share one K range and one staged x.
+//  * Many small blocks: K is split over a thread-block cluster of up to 16 blocks (sm_90) and
+//    the partial sums are reduced through distributed shared memory in a fixed order, so the
+//    result does not depend on timing (no atomics).
+//  * Decoding and the mma are those of tc_decode.cuh (f32 accumulation, per-group fp16 scales),
+//    except that codes enter the mma as 1024 + q without the subtraction; the block computes
+//    (1024 + 2^(b-1)) * sum(x) per unit once and each group's sums drop it before scaling.
+#include <cooperative_groups.h>
+
+#include <algorithm>
+
+#include "common.cuh"
+#include "matmul_gemv.cuh"
+#include "tc_decode.cuh"
+
+namespace cg = cooperative_groups;
+
+namespace exl2cuda {
+
+namespace {
+
+constexpr int GV_COLS = 64;       // output columns per warp
+constexpr int GV_ROW_WORDS = 72;  // one word row of a stage: 64 words + 8 of padding (conflict-free reads)
+constexpr int GV_STAGES = 6;      // ring depth per warp
+constexpr int GV_MAX_KS = 16;     // cluster size limit on sm_90 (non-portable above 8)
+
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool pred) {
+    const int n = pred ? 16 : 0;  // 0: nothing read, 16 zero bytes written
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// unit_meta fields (int4 per unit; built by exl2build.kernels.unit_tables):
+// x = first word row in q_weight, y = first permuted K row,
+// z = bits | words << 4 | rows << 10 | (last unit of its group) << 16, w = group | scale_max bits << 16.
+__device__ __forceinline__ int um_bits(const int4& u) { return u.z & 15; }
+__device__ __forceinline__ int um_words(const int4& u) { return (u.z >> 4) & 63; }
+__device__ __forceinline__ bool um_last(const int4& u) { return (u.z >> 16) & 1; }
+__device__ __forceinline__ int um_group(const int4& u) { return u.w & 0xFFFF; }
+
+// Where a lane's cp.async copies of a unit go: word rows lane / 16 + 2j, 16-byte chunk lane % 16 of
+// the warp's 64 columns; lanes 0 and 1 also copy the group's 8 q_scale words (32 columns each).
+// Offsets are 32-bit (the host admits q_weight and q_scale under 2 GiB): fewer address instructions.
+struct LaneCopy {
+    const char* w;      // q_weight at word row lane / 16, this lane's chunk
+    const char* s;      // q_scale row 0 at this lane's 4 scale words (lanes 0, 1)
+    unsigned row_bytes; // n_pad * 4
+    unsigned dst;       // byte offset of the chunk in a stage
+    int row0;           // lane / 16
+    bool ok;            // the chunk lies inside n_pad
+    bool ok_s;
+};
+
+__device__ __forceinline__ LaneCopy lane_copy(const int32_t* __restrict__ qw, const int32_t* __restrict__ qs,
+                                              int n_pad, int col_base, int lane) {
+    LaneCopy c;
+    const int col = col_base + 4 * (lane & 15), scol = col_base + 32 * (lane & 1);
+    c.ok = col < n_pad;
+    c.ok_s = lane < 2 && scol < n_pad;
+    c.row0 = lane >> 4;
+    c.row_bytes = (unsigned)n_pad * 4u;
+    c.w = reinterpret_cast<const char*>(qw) + (size_t)c.row0 * c.row_bytes + 4u * (unsigned)(c.ok ? col : 0);
+    c.s = reinterpret_cast<const char*>(qs) + 4u * (unsigned)(c.ok_s ? scol / 8 : 0);
+    c.dst = 4u * (unsigned)(c.row0 * GV_ROW_WORDS + 4 * (lane & 15));
+    // Keep these in registers: otherwise the compiler recomputes them from the thread index in
+    // every step of the unit loop (~40 instructions per unit).
+    asm("" : "+l"(c.w), "+l"(c.s), "+r"(c.row_bytes), "+r"(c.dst), "+r"(c.row0));
+    return c;
+}
+
+// Copy one unit (its word rows for the warp's 64 columns, and its group's 8 q_scale words) into
+// the stage at shared address `stage`: [word row][GV_ROW_WORDS] words, then 8 scale words at
+// byte sc_off. Columns past n_pad read zeros.
+__device__ __forceinline__ void issue_unit(unsigned stage, const int4 um, const LaneCopy& c, unsigned sc_off) {
+    const int words = um_words(um);
+    const char* p = c.w + (unsigned)um.x * c.row_bytes;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)  // word rows row0 + 2j (at most 8 rows)
+        if (c.row0 + 2 * j < words) cp_async16(stage + c.dst + 8u * j * GV_ROW_WORDS, p + 2u * j * c.row_bytes, c.ok);
+    if (c.ok_s) cp_async16(stage + sc_off + c.dst, c.s + (unsigned)um_group(um) * (c.row_bytes / 8u), true);  // dst = 16 * lane
+}
+
+// The lane's words of one staged unit (rows j0, j0 + 1 of its two column chunks) and scale words.
+template <int B>
+__device__ __forceinline__ void read_stage(Stage& st, const uint32_t* stage, int t, int gid, int sc_off) {
+    const int j0 = (8 * t * B) >> 5;
+    const bool two = ((8 * t * B) & 31) + 8 * B > 32;
+    const uint32_t* r0 = stage + j0 * GV_ROW_WORDS + 4 * gid;
+    st.w[0][0] = *reinterpret_cast<const uint4*>(r0);
+    st.w[0][1] = *reinterpret_cast<const uint4*>(r0 + 32);
+    if (two) {
+        st.w[1][0] = *reinterpret_cast<const uint4*>(r0 + GV_ROW_WORDS);
+        st.w[1][1] = *reinterpret_cast<const uint4*>(r0 + GV_ROW_WORDS + 32);
+    } else {
+        st.w[1][0] = st.w[1][1] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    st.sc[0] = stage[sc_off + (gid >> 1)];
+    st.sc[1] = stage[sc_off + 4 + (gid >> 1)];
+}
+
+// A warp's streaming state: the ring of stages and which stage unit u and unit u + STAGES - 1 use.
+struct Ring {
+    uint32_t* stages;
+    unsigned stages_s;  // shared-space address of stages
+    int stage_words, sc_off, cur, next;
+    __device__ __forceinline__ uint32_t* at(int s) const { return stages + s * stage_words; }
+    __device__ __forceinline__ unsigned at_s(int s) const { return stages_s + 4u * (unsigned)(s * stage_words); }
+    __device__ __forceinline__ void advance() {
+        cur = cur + 1 == GV_STAGES ? 0 : cur + 1;
+        next = next + 1 == GV_STAGES ? 0 : next + 1;
+    }
+};
+
+// Units u.. of bit width B (stops at the first unit of another width): wait for unit u, refill the
+// stage freed last step with unit u + STAGES - 1, multiply, and scale at each group's end.
+template <int B>
+__device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const float2* cus2, Ring& ring,
+                                         const LaneCopy& lc, const uint4* xs4, int M, int t, int gid,
+                                         float2& cg, float (&tmp)[4][1][4], float (&acc)[4][1][4]) {
+    for (; u < nu; ++u) {
+        const int4 um = ums[u];
+        if (um_bits(um) != B) break;
+        cp_async_wait<GV_STAGES - 2>();
+        __syncwarp();
+        const int v = u + GV_STAGES - 1;
+        if (v < nu) issue_unit(ring.at_s(ring.next), ums[v], lc, 4u * ring.sc_off);
+        cp_async_commit();
+        Stage st;
+        read_stage<B>(st, ring.at(ring.cur), t, gid, ring.sc_off);
+        uint4 xb[1];
+        xb[0] = gid < M ? xs4[(u * M + gid) * 4 + t] : make_uint4(0u, 0u, 0u, 0u);
+        mma_unit<B, 1, false>(st, t, xb, tmp);
+        const float2 c = cus2[u * 4 + t];  // tokens 2t, 2t + 1
+        cg.x += c.x;
+        cg.y += c.y;
+        if (um_last(um) || u + 1 == nu) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) tmp[i][0][e] -= (e & 1) ? cg.y : cg.x;
+            finish_group<1>(st.sc, gid, (unsigned short)(um.w >> 16), tmp, acc);
+            cg = make_float2(0.0f, 0.0f);
+        }
+        ring.advance();
+    }
+    return u;
+}
+
+struct GemvArgs {
+    const __half* x;
+    const int32_t* qw;
+    const int32_t* qs;
+    const int4* umeta;
+    const int32_t* uperm;
+    __half* y;
+    int M, K, N, n_pad, U, ks, nu_max, stage_words;
+};
+
+template <int W>
+__global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArgs a) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int rank = blockIdx.y;
+    const int ub = (int)((int64_t)a.U * rank / a.ks), ue = (int)((int64_t)a.U * (rank + 1) / a.ks);
+    const int nu = ue - ub;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
+    const int col_base = (blockIdx.x * W + warp) * GV_COLS;
+    const bool active = col_base < a.n_pad;  // idle warps still stage x and join the barriers
+    const int sc_off = a.stage_words - 8;
+
+    // Shared memory (same offsets in every block of a cluster): stages, x, unit_meta, partial sums.
+    uint32_t* stages = reinterpret_cast<uint32_t*>(smem_raw) + (size_t)warp * GV_STAGES * a.stage_words;
+    const unsigned stages_s = (unsigned)__cvta_generic_to_shared(stages);
+    __half* xs = reinterpret_cast<__half*>(smem_raw + (size_t)W * GV_STAGES * a.stage_words * 4);
+    int4* ums = reinterpret_cast<int4*>(xs + (size_t)a.nu_max * a.M * 32);
+    float* cus = reinterpret_cast<float*>(ums + a.nu_max);  // [unit][8]: (1024 + 2^(b-1)) * sum of x
+
+    // 1. The first K-slot channels of x, then (one round trip for unit_meta) this warp's first units.
+    constexpr int CH = 8;
+    const int nthr = W * 32, total = nu * 32;
+    const int32_t* up = a.uperm + (int64_t)ub * 32;
+    int src[CH];
+    auto load_src = [&](int base) {
+#pragma unroll
+        for (int q = 0; q < CH; ++q) {
+            const int i = base + q * nthr + (int)threadIdx.x;
+            src[q] = i < total ? __ldg(up + i) : -1;
+        }
+    };
+    auto store_x = [&](int base) {
+        for (int m = 0; m < a.M; ++m) {
+            __half v[CH];
+#pragma unroll
+            for (int q = 0; q < CH; ++q) v[q] = src[q] >= 0 ? a.x[(int64_t)m * a.K + src[q]] : __float2half(0.0f);
+#pragma unroll
+            for (int q = 0; q < CH; ++q) {
+                const int i = base + q * nthr + (int)threadIdx.x;
+                if (i < total) xs[((i >> 5) * a.M + m) * 32 + (i & 31)] = v[q];
+            }
+        }
+    };
+    load_src(0);
+    const int4 um_lane = lane < nu ? __ldg(a.umeta + ub + lane) : make_int4(0, 0, 0, 0);
+    const LaneCopy lc = lane_copy(a.qw, a.qs, a.n_pad, col_base, lane);
+    for (int s = 0; s < GV_STAGES - 1; ++s) {
+        int4 um;
+        um.x = __shfl_sync(0xffffffffu, um_lane.x, s);
+        um.y = __shfl_sync(0xffffffffu, um_lane.y, s);
+        um.z = __shfl_sync(0xffffffffu, um_lane.z, s);
+        um.w = __shfl_sync(0xffffffffu, um_lane.w, s);
+        if (active && s < nu) issue_unit(stages_s + 4u * (unsigned)(s * a.stage_words), um, lc, 4u * sc_off);
+        cp_async_commit();
+    }
+    store_x(0);
+    for (int base = CH * nthr; base < total; base += CH * nthr) {
+        load_src(base);
+        store_x(base);
+    }
+    for (int i = threadIdx.x; i < nu; i += nthr) ums[i] = __ldg(a.umeta + ub + i);
+    __syncthreads();
+    // The codes enter the mma as 1024 + q (one LOP3 per two weights, no subtraction), so each
+    // group's sums carry (1024 + 2^(b-1)) * sum(x) too; per unit and token, in f32, in a fixed order.
+    for (int j = threadIdx.x; j < nu * 8; j += nthr) {
+        const int lu = j >> 3, m = j & 7;
+        float sum = 0.0f;
+        if (m < a.M) {
+            const __half2* p = reinterpret_cast<const __half2*>(xs + (lu * a.M + m) * 32);
+#pragma unroll
+            for (int k = 0; k < 16; ++k) {
+                const float2 f = __half22float2(p[k]);
+                sum += f.x + f.y;
+            }
+            sum *= (float)(1024 + (1 << (um_bits(ums[lu]) - 1)));
+        }
+        cus[j] = sum;
+    }
+    __syncthreads();
+
+    // 2. Stream the units, one run of equal bit width at a time (the width is a template argument
+    // inside a run, so the decoding is straight-line code).
+    float acc[4][1][4], tmp[4][1][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][0][e] = tmp[i][0][e] = 0.0f;
+    if (active) {
+        const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
+        Ring ring{stages, stages_s, a.stage_words, sc_off, 0, GV_STAGES - 1};
+        const float2* cus2 = reinterpret_cast<const float2*>(cus);
+        float2 cg = make_float2(0.0f, 0.0f);
+        int u = 0;
+        while (u < nu) {
+            switch (um_bits(ums[u])) {
+                case 2: u = run_units<2>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 3: u = run_units<3>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 4: u = run_units<4>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 5: u = run_units<5>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 6: u = run_units<6>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 8: u = run_units<8>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                default: u = nu; break;  // unreachable: kernels.py admits only these widths
+            }
+        }
+        cp_async_wait<0>();
+    }
+
+    // 3. Output. Lane element e of tile i: token 2t + (e & 1), column k = 2i + (e >> 1) of the lane.
+    auto col_of = [&](int i, int e) {
+        const int k = 2 * i + (e >> 1);
+        return (k < 4 ? 0 : 32) + 4 * gid + (k & 3);
+    };
+    if (a.ks == 1) {
+        if (!active) return;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int m = 2 * t + (e & 1), n = col_base + col_of(i, e);
+                if (m < a.M && n < a.N) a.y[(int64_t)m * a.N + n] = __float2half_rn(acc[i][0][e]);
+            }
+        return;
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    float* part = cus + (size_t)a.nu_max * 8;  // [M][W * 64]
+    const int NO = a.M * W * GV_COLS;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int m = 2 * t + (e & 1);
+            if (m < a.M) part[m * W * GV_COLS + warp * GV_COLS + col_of(i, e)] = acc[i][0][e];
+        }
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    const int r = (int)cl.block_rank();
+    for (int i = threadIdx.x; i < NO; i += nthr) {
+        if (i % a.ks != r) continue;
+        float s = 0.0f;
+        for (int q = 0; q < a.ks; ++q) s += cl.map_shared_rank(part, q)[i];  // fixed order
+        const int m = i / (W * GV_COLS), n = blockIdx.x * W * GV_COLS + i % (W * GV_COLS);
+        if (n < a.N) a.y[(int64_t)m * a.N + n] = __float2half_rn(s);
+    }
+    cl.sync();
+#endif
+}
+
+template <int W>
+void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
+    auto kern = exl2_gemv_kernel<W>;
+    if (smem > 48 * 1024)
+        check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
+    if (a.ks > 8) check(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "exl2_matmul");
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(gx, (unsigned)a.ks, 1);
+    cfg.blockDim = dim3(W * 32, 1, 1);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    if (a.ks > 1) {
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = 1;
+        attr[0].val.clusterDim.y = a.ks;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    check(cudaLaunchKernelEx(&cfg, kern, a), "exl2_matmul");
+    check_launch("exl2_matmul");
+}
+
+}  // namespace
+
+bool exl2_matmul_gemv(const void* x, const int32_t* q_weight, const int32_t* q_scale, const int32_t* unit_meta,
+                      const int32_t* unit_perm, void* y, int64_t M, int64_t K, int64_t N, int64_t n_pad, int64_t U,
+                      int max_bits, uintptr_t stream, int sms, int cc_major, int smem_optin, int warps,
+                      int k_splits) {
+    if (cc_major < 9 || M <= 0 || M > 8 || U <= 0 || max_bits < 2 || max_bits > 8) return false;
+    if (reinterpret_cast<uintptr_t>(q_weight) % 16 || reinterpret_cast<uintptr_t>(q_scale) % 16 ||
+        reinterpret_cast<uintptr_t>(unit_meta) % 16)
+        return false;
+    // 32-bit byte offsets inside q_weight and q_scale (LaneCopy): U units of at most 8 word rows.
+    if ((U * 8 + 8) * n_pad * 4 >= (1LL << 31)) return false;
+    const int W = warps == 2 ? 2 : 4;
+    const int64_t tiles = cdiv(n_pad, GV_COLS);
+    const int stage_words = max_bits * GV_ROW_WORDS + 8;
+    // Enough warps to keep ~16 per SM streaming (one per 64 columns and K split), at least 4 units
+    // per block.
+    int ks;
+    if (k_splits > 0) {
+        ks = std::min(k_splits, GV_MAX_KS);
+    } else {
+        ks = (int)std::max<int64_t>(1, std::min<int64_t>(GV_MAX_KS, (16LL * sms + tiles / 2) / tiles));
+        ks = (int)std::min<int64_t>(ks, std::max<int64_t>(1, U / 4));
+    }
+    auto smem_for = [&](int k) {
+        const int64_t nu_max = cdiv(U, k);
+        const int64_t xs_bytes = cdiv(nu_max * M * 32 * 2, 16) * 16;
+        return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + nu_max * (16 + 32) + M * W * GV_COLS * 4);
+    };
+    while (smem_for(ks) > (size_t)smem_optin && ks < GV_MAX_KS) ++ks;
+    const size_t smem = smem_for(ks);
+    if (smem > (size_t)smem_optin) return false;
+    GemvArgs a;
+    a.x = reinterpret_cast<const __half*>(x);
+    a.qw = q_weight;
+    a.qs = q_scale;
+    a.umeta = reinterpret_cast<const int4*>(unit_meta);
+    a.uperm = unit_perm;
+    a.y = reinterpret_cast<__half*>(y);
+    a.M = (int)M;
+    a.K = (int)K;
+    a.N = (int)N;
+    a.n_pad = (int)n_pad;
+    a.U = (int)U;
+    a.ks = ks;
+    a.nu_max = (int)cdiv(U, ks);
+    a.stage_words = stage_words;
+    const unsigned gx = (unsigned)cdiv(tiles, W);
+    if (W == 2)
+        launch_gemv<2>(a, gx, smem, as_stream(stream));
+    else
+        launch_gemv<4>(a, gx, smem, as_stream(stream));
+    return true;
+}
+
+}  // namespace exl2cuda

@@ -1,0 +1,18 @@
+// The decode-sized tensor-core EXL2 matmul (matmul_gemv.cu), called by exl2build.kernels for
+// f16 activations with M <= 8.
+#pragma once
+#include <cstdint>
+
+namespace exl2cuda {
+
+// y = x @ W for f16 x [M, K] and y [M, N], 1 <= M <= 8, on sm_90. unit_meta (int32 [U, 4]) and
+// unit_perm (int32 [U * 32]) are the per-unit tables of exl2build.kernels.unit_tables; max_bits is
+// the largest bit width of the linear. Returns false (nothing launched) when it does not apply:
+// older GPU, M out of range, misaligned tensors, or too little shared memory.
+// warps: 2 or 4 per block (0 = 4); k_splits: 0 = choose, else 1..16.
+bool exl2_matmul_gemv(const void* x, const int32_t* q_weight, const int32_t* q_scale, const int32_t* unit_meta,
+                      const int32_t* unit_perm, void* y, int64_t M, int64_t K, int64_t N, int64_t n_pad, int64_t U,
+                      int max_bits, uintptr_t stream, int sms, int cc_major, int smem_optin, int warps = 0,
+                      int k_splits = 0);
+
+}  // namespace exl2cuda

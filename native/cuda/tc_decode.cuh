@@ -1,0 +1,152 @@
+// Tensor-core decoding of EXL2 units, shared by the fused matmuls (matmul_tc.cu, matmul_gemv.cu)
+// and the fp16 dequantizer.
+//
+// A warp covers 64 output columns of one 32-row unit. Lane (gid = lane / 4, t = lane % 4) holds
+// the words of its 8 columns (base + 4*gid + 0..3 and base + 32 + 4*gid + 0..3) that contain rows
+// 8t..8t+7 of the unit: at most two word rows for any bit width. The mma's K slots are a free
+// permutation of the unit's rows, so pair r (0..3) = rows (8t + r, 8t + r + 4) of a column; step 0
+// of the unit takes pairs 0 and 1, step 1 pairs 2 and 3, and x is staged in that order.
+#pragma once
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace exl2cuda {
+
+// The weight loads of one unit for one lane, and what is needed to finish its group.
+struct Stage {
+    uint4 w[2][2];  // [word row j0, j0 + 1][column chunk 0, 1]
+    uint32_t sc[2]; // q_scale words of the lane's two column chunks
+};
+
+__device__ __forceinline__ uint4 ldg4(const int32_t* p, bool pred) {
+    return pred ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int k) {
+    return k == 0 ? v.x : (k == 1 ? v.y : (k == 2 ? v.z : v.w));
+}
+
+// (a & MASK) | c in one LOP3: the compiler would otherwise spend two, as a LOP3 takes a single
+// immediate; c (the fp16 exponent pattern) is kept in a register.
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(MASK), "r"(c));
+    return d;
+}
+
+// Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + code,
+// from the 64-bit window (hi:lo) that starts at the lane's first code.
+template <int B>
+__device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t (&P)[4]) {
+    const uint32_t magic = 0x64006400u;
+    if constexpr (B == 4) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) P[r] = and_or<0x000F000Fu>(lo >> (4 * r), magic);
+    } else if constexpr (B == 8) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+            P[r] = and_or<0x00FF00FFu>(__byte_perm(lo, hi, r | (r << 4) | ((4 + r) << 8) | ((4 + r) << 12)), magic);
+    } else if constexpr (B == 2) {
+        const uint32_t v = __byte_perm(lo, 0u, 0x1100);  // byte 1 (codes 4..7) moved to byte 2
+#pragma unroll
+        for (int r = 0; r < 4; ++r) P[r] = and_or<0x00030003u>(v >> (2 * r), magic);
+    } else {
+        constexpr uint32_t mask = (1u << B) - 1u;
+        auto code = [&](int i) -> uint32_t {  // code i, unmasked above its B bits
+            const int o = i * B;
+            if (o + B <= 32) return lo >> o;
+            if (o >= 32) return hi >> (o - 32);
+            return __funnelshift_r(lo, hi, o);
+        };
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+            P[r] = and_or<(mask << 16) | mask>(__byte_perm(code(r), code(r + 4), 0x5410), magic);
+    }
+}
+
+// fp16 pairs 1024 + q -> q - 2^(B-1), exactly.
+template <int B>
+__device__ __forceinline__ uint32_t center(uint32_t p) {
+    constexpr uint32_t bias = (0x6400u | (1u << (B - 1))) * 0x10001u;
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&p), *reinterpret_cast<const __half2*>(&bias));
+    return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// Column k (0..7) of a lane's window pair: chunk k / 4, word k % 4. CENTER: the pairs hold
+// q - 2^(B-1) (exact); otherwise 1024 + q, and the caller subtracts (1024 + 2^(B-1)) * sum(x).
+template <int B, bool CENTER = true>
+__device__ __forceinline__ void lane_pairs(const Stage& st, int k, int sh, uint32_t (&P)[4]) {
+    const uint32_t w0 = word_of(st.w[0][k >> 2], k & 3), w1 = word_of(st.w[1][k >> 2], k & 3);
+    if constexpr (B == 4 || B == 8)  // sh = 8tB mod 32 = 0: the window starts at a word
+        decode_pairs<B>(w0, w1, P);
+    else
+        decode_pairs<B>(__funnelshift_r(w0, w1, sh), w1 >> sh, P);
+    if constexpr (CENTER) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) P[r] = center<B>(P[r]);
+    }
+}
+
+// The scale of the lane's column k (0..7) from its two q_scale words.
+__device__ __forceinline__ float lane_scale(const Stage& st, int gid, int k, __half smax) {
+    const int sh = (gid & 1) * 16 + 4 * (k & 3);
+    return exl2_scale((int)((st.sc[k >> 2] >> sh) & 15u) + 1, smax);
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// One unit: tmp[i][tau] += A(tile i) x B(token tile tau) over the unit's 32 rows.
+template <int B, int NT, bool CENTER = true>
+__device__ __forceinline__ void mma_unit(const Stage& st, int t, const uint4 (&xb)[NT], float (&tmp)[4][NT][4]) {
+    const int sh = (8 * t * B) & 31;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        uint32_t PA[4], PB[4];
+        lane_pairs<B, CENTER>(st, 2 * i, sh, PA);
+        lane_pairs<B, CENTER>(st, 2 * i + 1, sh, PB);
+#pragma unroll
+        for (int tau = 0; tau < NT; ++tau) {
+            mma16816(tmp[i][tau], PA[0], PB[0], PA[1], PB[1], xb[tau].x, xb[tau].y);
+            mma16816(tmp[i][tau], PA[2], PB[2], PA[3], PB[3], xb[tau].z, xb[tau].w);
+        }
+    }
+}
+
+// End of a group: acc += tmp * the lane's per-column scales, then tmp = 0. The scale is the
+// loader's fp16 value half(s*s) * (half(scale_max) * half(1/256)); sc are the lane's two q_scale
+// words (columns base + 4*gid + 0..3 and base + 32 + 4*gid + 0..3).
+template <int NT>
+__device__ __forceinline__ void finish_group(const uint32_t (&sc)[2], int gid, unsigned short smax_bits,
+                                             float (&tmp)[4][NT][4], float (&acc)[4][NT][4]) {
+    const __half hs = __hmul(__ushort_as_half(smax_bits), __float2half_rn(1.0f / 256.0f));
+    const int nib = (gid & 1) * 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t sw = sc[i >> 1] >> (nib + 8 * (i & 1));
+        const int qa = (int)(sw & 15u) + 1, qb = (int)((sw >> 4) & 15u) + 1;
+        const float sa = __half2float(__hmul(__int2half_rn(qa * qa), hs));
+        const float sb = __half2float(__hmul(__int2half_rn(qb * qb), hs));
+#pragma unroll
+        for (int tau = 0; tau < NT; ++tau) {
+            acc[i][tau][0] = fmaf(tmp[i][tau][0], sa, acc[i][tau][0]);
+            acc[i][tau][1] = fmaf(tmp[i][tau][1], sa, acc[i][tau][1]);
+            acc[i][tau][2] = fmaf(tmp[i][tau][2], sb, acc[i][tau][2]);
+            acc[i][tau][3] = fmaf(tmp[i][tau][3], sb, acc[i][tau][3]);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) tmp[i][tau][e] = 0.0f;
+        }
+    }
+}
+
+}  // namespace exl2cuda
