@@ -294,7 +294,7 @@ def sweep_gemv(copy_bw, rows, bpws=(4.0,)):
             gsets = [gemv_args(x, qt, y) for qt in qts]
             line = []
             for warps in (2, 4):
-                for ks in (0, 1, 2, 4, 8, 12, 16):
+                for ks in (0, 2, 4, 8, 12, 16):
                     t = time_graph(gemv(gsets, warps, ks), 4 * len(gsets))
                     rows.append({"K": K, "N": N, "bpw": bpw, "M": 1, "warps": warps, "ks": ks, "us": t * 1e6,
                                  "copy_ratio": wb / t / copy_bw})

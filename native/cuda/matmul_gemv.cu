@@ -364,6 +364,9 @@ bool exl2_matmul_gemv(const void* x, const int32_t* q_weight, const int32_t* q_s
     } else {
         ks = (int)std::max<int64_t>(1, std::min<int64_t>(GV_MAX_KS, (16LL * sms + tiles / 2) / tiles));
         ks = (int)std::min<int64_t>(ks, std::max<int64_t>(1, U / 4));
+        // A power of two: clusters of 9 or 12 blocks ran 10-30 % slower than 8 or 16 on the H200
+        // (benchmarks/RESULTS.md, the decode-sized kernel's sweep).
+        while (ks & (ks - 1)) ks &= ks - 1;
     }
     auto smem_for = [&](int k) {
         const int64_t nu_max = cdiv(U, k);
