@@ -20,6 +20,7 @@ except ImportError as e:  # pragma: no cover - only when the package was never b
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8)
 FUSED_MATMUL_MAX_ROWS = 32  # above this exl2_matmul is dequant + torch.matmul
 GEMV_MAX_ROWS = 8  # up to this, f16 on sm_90 runs the decode-sized kernel (native/cuda/matmul_gemv.cu)
+GEMV_SMALL_LINEAR = 4096 * 4096  # K * N up to which 2 <= M <= 8 stays on the tensor-core kernel
 
 
 # ----------------------------------------------------------------------------- checks
@@ -309,7 +310,10 @@ def unit_tables(qt) -> tuple[torch.Tensor, torch.Tensor, int] | None:
 def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W (x in original channel order; no bias). Same dtype as x.
 
-    Fused dequant-and-multiply for M <= 32; dequant + torch.matmul above (f32 math on CPU).
+    Fused dequant-and-multiply for M <= 32; dequant + torch.matmul above (f32 math on CPU). On
+    sm_90 with f16, M = 1 (and M <= 8 on linears above 4096x4096) runs the decode-sized kernel,
+    which needs `unit_tables(qt)`: built on the first call, so run one call before capturing a
+    CUDA graph (as for the validation of qt).
     """
     dev = _check_qtensor(qt)
     _check("x", x, (torch.float16, torch.float32), dims=2, device=dev)
@@ -321,7 +325,10 @@ def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
         w = dequant(qt, x.dtype if dev.type == "cuda" else torch.float32)
         return torch.matmul(x.to(w.dtype), w).to(x.dtype)
     y = torch.empty(M, qt.N, dtype=x.dtype, device=dev)
-    if dev.type == "cuda" and x.dtype == torch.float16 and 0 < M <= GEMV_MAX_ROWS:
+    # The decode-sized kernel at M = 1, and up to M = 8 on larger linears: on 4096x4096 the tensor-core
+    # kernel was 10-15 % faster at M = 8 (H200, benchmarks/RESULTS.md).
+    if (dev.type == "cuda" and x.dtype == torch.float16 and 0 < M <= GEMV_MAX_ROWS
+            and (M == 1 or K * qt.N > GEMV_SMALL_LINEAR)):
         tables = unit_tables(qt)
         if tables is not None:
             meta, uperm, max_bits = tables
