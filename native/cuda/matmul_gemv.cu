@@ -60,6 +60,8 @@ struct LaneCopy {
     const char* w;      // q_weight at word row lane / 16, this lane's chunk
     const char* s;      // q_scale row 0 at this lane's 4 scale words (lanes 0, 1)
     unsigned row_bytes; // n_pad * 4
+    unsigned row2;      // 2 * row_bytes: from one of this lane's rows to its next
+    unsigned srow;      // bytes per q_scale row: n_pad / 2
     unsigned dst;       // byte offset of the chunk in a stage
     int row0;           // lane / 16
     bool ok;            // the chunk lies inside n_pad
@@ -74,30 +76,52 @@ __device__ __forceinline__ LaneCopy lane_copy(const int32_t* __restrict__ qw, co
     c.ok_s = lane < 2 && scol < n_pad;
     c.row0 = lane >> 4;
     c.row_bytes = (unsigned)n_pad * 4u;
+    c.row2 = 2u * c.row_bytes;
+    c.srow = (unsigned)n_pad / 2u;
     c.w = reinterpret_cast<const char*>(qw) + (size_t)c.row0 * c.row_bytes + 4u * (unsigned)(c.ok ? col : 0);
     c.s = reinterpret_cast<const char*>(qs) + 4u * (unsigned)(c.ok_s ? scol / 8 : 0);
     c.dst = 4u * (unsigned)(c.row0 * GV_ROW_WORDS + 4 * (lane & 15));
     // Keep these in registers: otherwise the compiler recomputes them from the thread index in
     // every step of the unit loop (~40 instructions per unit).
-    asm("" : "+l"(c.w), "+l"(c.s), "+r"(c.row_bytes), "+r"(c.dst), "+r"(c.row0));
+    asm("" : "+l"(c.w), "+l"(c.s), "+r"(c.row_bytes), "+r"(c.row2), "+r"(c.srow), "+r"(c.dst), "+r"(c.row0));
     return c;
 }
 
-// Copy one unit (its word rows for the warp's 64 columns, and its group's 8 q_scale words) into
-// the stage at shared address `stage`: [word row][GV_ROW_WORDS] words, then 8 scale words at
-// byte sc_off. Columns past n_pad read zeros.
-__device__ __forceinline__ void issue_unit(unsigned stage, const int4 um, const LaneCopy& c, unsigned sc_off) {
+// Copy one unit (its word rows for the warp's 64 columns, and, when it ends a group or the block's
+// range, the group's 8 q_scale words) into the stage at shared address `stage`: [word row]
+// [GV_ROW_WORDS] words, then 8 scale words at byte sc_off. Columns past n_pad read zeros.
+__device__ __forceinline__ void issue_scales(unsigned stage, const int4 um, const LaneCopy& c, unsigned sc_off) {
+    if (c.ok_s) cp_async16(stage + sc_off + c.dst, c.s + (unsigned)um_group(um) * c.srow, true);  // dst = 16 * lane
+}
+
+// Any unit (a group's short last unit has fewer word rows than its width).
+__device__ __forceinline__ void issue_unit(unsigned stage, const int4 um, const LaneCopy& c, unsigned sc_off,
+                                           bool scales) {
     const int words = um_words(um);
     const char* p = c.w + (unsigned)um.x * c.row_bytes;
 #pragma unroll
     for (int j = 0; j < 4; ++j)  // word rows row0 + 2j (at most 8 rows)
-        if (c.row0 + 2 * j < words) cp_async16(stage + c.dst + 8u * j * GV_ROW_WORDS, p + 2u * j * c.row_bytes, c.ok);
-    if (c.ok_s) cp_async16(stage + sc_off + c.dst, c.s + (unsigned)um_group(um) * (c.row_bytes / 8u), true);  // dst = 16 * lane
+        if (c.row0 + 2 * j < words) cp_async16(stage + c.dst + 8u * j * GV_ROW_WORDS, p + j * c.row2, c.ok);
+    if (scales) issue_scales(stage, um, c, sc_off);
 }
 
-// The lane's words of one staged unit (rows j0, j0 + 1 of its two column chunks) and scale words.
+// A full unit of width B: B word rows, the copy count known at compile time (the common case).
 template <int B>
-__device__ __forceinline__ void read_stage(Stage& st, const uint32_t* stage, int t, int gid, int sc_off) {
+__device__ __forceinline__ void issue_full(unsigned stage, const int4 um, const LaneCopy& c, unsigned sc_off,
+                                           bool scales) {
+    const char* p = c.w + (unsigned)um.x * c.row_bytes;
+#pragma unroll
+    for (int j = 0; j < (B + 1) / 2; ++j) {
+        if ((B & 1) == 0 || j < B / 2 || c.row0 == 0)  // an odd count: the last row is row 0's lanes'
+            cp_async16(stage + c.dst + 8u * j * GV_ROW_WORDS, p, c.ok);
+        p += c.row2;
+    }
+    if (scales) issue_scales(stage, um, c, sc_off);
+}
+
+// The lane's words of one staged unit (rows j0, j0 + 1 of its two column chunks).
+template <int B>
+__device__ __forceinline__ void read_stage(Stage& st, const uint32_t* stage, int t, int gid) {
     const int j0 = (8 * t * B) >> 5;
     const bool two = ((8 * t * B) & 31) + 8 * B > 32;
     const uint32_t* r0 = stage + j0 * GV_ROW_WORDS + 4 * gid;
@@ -109,6 +133,10 @@ __device__ __forceinline__ void read_stage(Stage& st, const uint32_t* stage, int
     } else {
         st.w[1][0] = st.w[1][1] = make_uint4(0u, 0u, 0u, 0u);
     }
+}
+
+// The lane's two q_scale words, staged with a group's last unit.
+__device__ __forceinline__ void read_scales(Stage& st, const uint32_t* stage, int gid, int sc_off) {
     st.sc[0] = stage[sc_off + (gid >> 1)];
     st.sc[1] = stage[sc_off + 4 + (gid >> 1)];
 }
@@ -138,10 +166,17 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
         cp_async_wait<GV_STAGES - 2>();
         __syncwarp();
         const int v = u + GV_STAGES - 1;
-        if (v < nu) issue_unit(ring.at_s(ring.next), ums[v], lc, 4u * ring.sc_off);
+        if (v < nu) {
+            const int4 uv = ums[v];
+            const bool scales = um_last(uv) || v + 1 == nu;  // the units that finish a group here
+            if (um_bits(uv) == B && um_words(uv) == B)
+                issue_full<B>(ring.at_s(ring.next), uv, lc, 4u * ring.sc_off, scales);
+            else
+                issue_unit(ring.at_s(ring.next), uv, lc, 4u * ring.sc_off, scales);
+        }
         cp_async_commit();
         Stage st;
-        read_stage<B>(st, ring.at(ring.cur), t, gid, ring.sc_off);
+        read_stage<B>(st, ring.at(ring.cur), t, gid);
         uint4 xb[1];
         xb[0] = gid < M ? xs4[(u * M + gid) * 4 + t] : make_uint4(0u, 0u, 0u, 0u);
         mma_unit<B, 1, false>(st, t, xb, tmp);
@@ -153,6 +188,7 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
             for (int i = 0; i < 4; ++i)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) tmp[i][0][e] -= (e & 1) ? cg.y : cg.x;
+            read_scales(st, ring.at(ring.cur), gid, ring.sc_off);
             finish_group<1>(st.sc, gid, (unsigned short)(um.w >> 16), tmp, acc);
             cg = make_float2(0.0f, 0.0f);
         }
@@ -222,7 +258,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
         um.y = __shfl_sync(0xffffffffu, um_lane.y, s);
         um.z = __shfl_sync(0xffffffffu, um_lane.z, s);
         um.w = __shfl_sync(0xffffffffu, um_lane.w, s);
-        if (active && s < nu) issue_unit(stages_s + 4u * (unsigned)(s * a.stage_words), um, lc, 4u * sc_off);
+        if (active && s < nu)
+            issue_unit(stages_s + 4u * (unsigned)(s * a.stage_words), um, lc, 4u * sc_off, um_last(um) || s + 1 == nu);
         cp_async_commit();
     }
     store_x(0);
