@@ -22,15 +22,21 @@ def compute_dtype_for(device: torch.device | str) -> torch.dtype:
 
 
 class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight in fp32, cast back to x's dtype.
+
+    torch's rms_norm (one fused kernel on CUDA) and an fp32 copy of the weight made once: a
+    decode step runs two norms per layer, and each kernel launch costs about as much as the
+    norm's work at batch 1.
+    """
+
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
         self.weight = nn.Parameter(weight.to(torch.float16), requires_grad=False)
         self.eps = eps
+        self.register_buffer("weight_f32", self.weight.detach().float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight_f32, self.eps).to(x.dtype)
 
 
 # ---------------------------------------------------------------- rotary embeddings
@@ -86,8 +92,10 @@ def _rope_inv_freq(cfg: ModelConfig, dim: int, base: float) -> tuple[torch.Tenso
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE (rotate-half convention), grown on demand.
 
-    `scale` divides positions (linear RoPE scaling on top of the config), `alpha` applies
-    NTK-aware base scaling: base * alpha^(d/(d-2)). Both default to off.
+    The sin table comes with its first half negated (see apply_rope), and a copy of both tables
+    is kept per compute dtype, so a lookup casts nothing. `scale` divides positions (linear
+    RoPE scaling on top of the config), `alpha` applies NTK-aware base scaling:
+    base * alpha^(d/(d-2)). Both default to off.
     """
 
     def __init__(self, cfg: ModelConfig, device="cpu", scale: float = 1.0, alpha: float = 1.0):
@@ -97,15 +105,21 @@ class RotaryEmbedding(nn.Module):
         inv, self.attention_factor = _rope_inv_freq(cfg, dim, base)
         self.register_buffer("inv_freq", (inv / scale).to(device), persistent=False)
         self._cos: torch.Tensor | None = None
-        self._sin: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None  # first half negated
+        self._by_dtype: dict = {}
 
     def _grow(self, n: int) -> None:
         n = max(n, 256, 2 * (0 if self._cos is None else self._cos.shape[0]))
         t = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq.float())
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos = emb.cos() * self.attention_factor
-        self._sin = emb.sin() * self.attention_factor
+        self._cos = torch.cat((freqs, freqs), dim=-1).cos() * self.attention_factor
+        self._sin = torch.cat((-freqs, freqs), dim=-1).sin() * self.attention_factor  # sin(-f) = -sin(f)
+        self._by_dtype = {}
+
+    def _tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype not in self._by_dtype:
+            self._by_dtype[dtype] = (self._cos.to(dtype), self._sin.to(dtype))
+        return self._by_dtype[dtype]
 
     def cos_sin(self, pos, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, D] for an int start position (a view of the table) or a LongTensor [T] of positions."""
@@ -114,17 +128,16 @@ class RotaryEmbedding(nn.Module):
             need = int(pos.max()) + 1 if pos.numel() else 1
         else:
             need = int(pos) + T
-        if self._cos is None or self._cos.shape[0] < need or self._cos.device != ref.device:
-            self._grow(need)
+        self.ensure(need)
+        cos, sin = self._tables(dtype)
         if isinstance(pos, torch.Tensor):
-            cos, sin = self._cos[pos.to(ref.device)], self._sin[pos.to(ref.device)]
-        else:
-            cos, sin = self._cos[int(pos) : int(pos) + T], self._sin[int(pos) : int(pos) + T]
-        return cos.to(dtype), sin.to(dtype)
+            return cos[pos.to(ref.device)], sin[pos.to(ref.device)]
+        return cos[int(pos) : int(pos) + T], sin[int(pos) : int(pos) + T]
 
     def gather(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for device positions, without a host sync; call `ensure(n)` beforehand."""
-        return self._cos.index_select(0, pos).to(dtype), self._sin.index_select(0, pos).to(dtype)
+        cos, sin = self._tables(dtype)
+        return cos.index_select(0, pos), sin.index_select(0, pos)
 
     def ensure(self, n: int) -> None:
         if self._cos is None or self._cos.shape[0] < n or self._cos.device != self.inv_freq.device:
@@ -132,17 +145,17 @@ class RotaryEmbedding(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._cos = self._sin = None
+        self._by_dtype = {}
         return super()._apply(fn, recurse)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [T, D]."""
-    return x * cos + _rotate_half(x) * sin
+    """x [B, H, T, D]; cos/sin [T, D] from RotaryEmbedding (sin with its first half negated).
+
+    The rotate-half form x * cos + cat(-x2, x1) * sin, written as x * cos + roll(x, D/2) * sin'
+    with sin' = cat(-sin, sin): three kernels instead of five.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 # ---------------------------------------------------------------- KV cache
@@ -160,7 +173,7 @@ class KVCache:
         # Static mode (CUDA graph decode): positions live on the device and attention runs over
         # the whole buffer with a mask, so one captured step serves every position.
         self.pos_t: torch.Tensor | None = None  # LongTensor [T] of the positions being written
-        self.mask: torch.Tensor | None = None  # bool [T, max_len], set by Model.hidden
+        self.mask: torch.Tensor | None = None  # additive [T, max_len] (0 / -inf), set by Model.hidden
         self._arange: torch.Tensor | None = None
 
     def static_mask(self) -> torch.Tensor:
@@ -195,7 +208,9 @@ class Attention(nn.Module):
         # A plain attribute (not a submodule) so one table is shared by every layer.
         self.__dict__["rotary"] = rotary
 
-    def forward(self, x: torch.Tensor, pos=0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos=0, cache: KVCache | None = None, rope=None) -> torch.Tensor:
+        """rope: the (cos, sin) rows of these tokens when the caller looked them up once for all
+        layers (Model.hidden); otherwise looked up here."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -203,13 +218,16 @@ class Attention(nn.Module):
         gqa = self.num_heads != self.num_kv_heads
         if cache is not None and cache.pos_t is not None:
             # Static mode: no host syncs, fixed shapes (see KVCache).
-            cos, sin = self.rotary.gather(cache.pos_t, x.dtype)
+            cos, sin = rope if rope is not None else self.rotary.gather(cache.pos_t, x.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k, v = cache.store_static(self.layer_idx, k, v)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
             return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         # `pos` is an int start position or a LongTensor [T] of absolute positions.
-        cos, sin = self.rotary.cos_sin(cache.length if cache is not None else pos, T, x.dtype)
+        if rope is not None:
+            cos, sin = rope
+        else:
+            cos, sin = self.rotary.cos_sin(cache.length if cache is not None else pos, T, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
@@ -243,14 +261,14 @@ class DecoderLayer(nn.Module):
         self.self_attn, self.mlp = self_attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
 
-    def attn_block(self, x: torch.Tensor, pos=0, cache: KVCache | None = None) -> torch.Tensor:
-        return x + self.self_attn(self.input_layernorm(x), pos, cache)
+    def attn_block(self, x: torch.Tensor, pos=0, cache: KVCache | None = None, rope=None) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), pos, cache, rope)
 
     def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x: torch.Tensor, pos=0, cache: KVCache | None = None) -> torch.Tensor:
-        return self.mlp_block(self.attn_block(x, pos, cache))
+    def forward(self, x: torch.Tensor, pos=0, cache: KVCache | None = None, rope=None) -> torch.Tensor:
+        return self.mlp_block(self.attn_block(x, pos, cache, rope))
 
 
 class Embedding(nn.Module):
@@ -296,10 +314,18 @@ class Model(nn.Module):
         x = self.embed(ids)
         pos = 0 if cache is None else cache.length
         static = cache is not None and cache.pos_t is not None
+        # What every layer shares is made once per call: the rotary rows of these positions and,
+        # in static mode, the additive attention mask (a bool mask is converted inside every
+        # attention call otherwise).
+        dtype = x.dtype
         if static:
-            cache.mask = cache.static_mask()
+            allowed = cache.static_mask()
+            cache.mask = torch.zeros(allowed.shape, dtype=dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+            rope = self.rotary.gather(cache.pos_t, dtype)
+        else:
+            rope = self.rotary.cos_sin(pos, ids.shape[1], dtype)
         for layer in self.layers:
-            x = layer(x, pos, cache)
+            x = layer(x, pos, cache, rope)
         if cache is not None and not static:  # in static mode the caller advances the length
             cache.length += ids.shape[1]
         x = self.norm(x)
