@@ -4,18 +4,20 @@ Measures, in one run:
   * ceilings: device-to-device copy bandwidth (bytes read + written) and fp16 matmul
     TFLOP/s through torch (cuBLAS);
   * exl2_matmul at 2.5 / 4.0 / 6.0 bpw on (K, N) = 4096x4096, 4096x14336, 14336x4096,
-    8192x28672 for M = 1, 8, 32 (tensor-core fused kernel, and the SIMT one it replaced) and
+    8192x28672 for M = 1, 8 (the decode-sized kernel, beside the tensor-core and SIMT kernels),
+    M = 32 (tensor-core fused kernel, and the SIMT one it replaced) and
     M = 2048 (dequant + torch.matmul, new and previous dequant), beside the plain fp16
     torch.matmul of the same shape; achieved bandwidth = bytes of the packed weights
     (q_weight + q_scale) / time, and its ratio to the copy bandwidth;
-  * a sweep of the tensor-core kernel's K splits at M = 1 and 8;
+  * a sweep of the tensor-core kernel's K splits at M = 1 and 8; with --gemv only the ceilings,
+    M = 1 and 8, and the decode-sized kernel's warps x K-split sweep;
   * gptq_group (groups of 128 rows) and group_scale_search over whole linears of K rows;
   * logit_stats over [2048, 128256] f16 logits.
 
 Timing: CUDA events around CUDA-graph replays of many launches (so host launch overhead is
 out), median over repeats; the weights rotate among enough copies to exceed the L2 cache.
 
-Usage: python benchmarks/kernels.py [--quick] [--out RESULTS_FRAGMENT.md] [--json FILE]
+Usage: python benchmarks/kernels.py [--quick] [--gemv] [--out RESULTS_FRAGMENT.md] [--json FILE]
 """
 
 from __future__ import annotations

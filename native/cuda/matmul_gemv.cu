@@ -10,7 +10,7 @@
 //  * Each warp owns 64 output columns and streams its units through a ring of GV_STAGES
 //    shared-memory stages with cp.async, so up to GV_STAGES - 1 units per warp are in flight
 //    without holding registers; the warps of a block share one K range and one staged x.
-//  * Many small blocks: K is split over a thread-block cluster of up to 16 blocks (sm_90) and
+//  * Many small blocks: K is split over a thread-block cluster (a power of two, up to 16 blocks) and
 //    the partial sums are reduced through distributed shared memory in a fixed order, so the
 //    result does not depend on timing (no atomics).
 //  * Decoding and the mma are those of tc_decode.cuh (f32 accumulation, per-group fp16 scales),
