@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: build + install the checkout with CUDA (sm_90), run the CUDA kernel tests,
 # the kernel benchmarks, and compute-sanitizer over a pass through every kernel.
-# Logs land in $OUT (build.log, pytest.log, bench.log, bench.md, bench.json, sanitize.log).
+# Logs land in $OUT (build.log, pytest.log, bench.log, bench.md, bench.json, decode_ops.log, sanitize.log).
 # Usage on the device machine, from the repository root: bash benchmarks/device_kernels.sh [--quick]
 # (SKIP_SANITIZER=1 skips the compute-sanitizer passes, SKIP_NCU=1 the Nsight Compute pass;
 # PYTEST_K selects tests by -k expression; NCU_KERNEL (default exl2_gemv) names the profiled kernel).
@@ -34,6 +34,10 @@ echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
 echo "== bench $(date -u +%T)"
 timeout 300 $PY "$REPO/benchmarks/kernels.py" "$@" --out "$OUT/bench.md" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; grep -v "^|" "$OUT/bench.log" | head -80
+
+echo "== decode operators $(date -u +%T)"
+timeout 120 $PY "$REPO/benchmarks/decode_ops.py" --device cuda > "$OUT/decode_ops.log" 2>&1
+echo "decode_ops rc=$?"; grep -E "per step|median" "$OUT/decode_ops.log"
 
 echo "== ncu $(date -u +%T)"
 [ -n "${SKIP_NCU:-}" ] || timeout 120 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
