@@ -274,7 +274,11 @@ def unit_tables(qt) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     on the host once per QTensor and cached while its tensors stay the same; None when the
     linear has more groups than the tables can name (65536).
     """
-    ident = _qtensor_identity(qt)
+    return _unit_tables(qt, _qtensor_identity(qt))
+
+
+def _unit_tables(qt, ident: tuple):
+    """unit_tables for a QTensor whose identity (_qtensor_identity) the caller has at hand."""
     cached = getattr(qt, "_unit_tables", None)
     if cached is not None and cached[0] == ident:
         return cached[1]
@@ -329,7 +333,7 @@ def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
     # kernel was 10-15 % faster at M = 8 (H200, benchmarks/RESULTS.md).
     if (dev.type == "cuda" and x.dtype == torch.float16 and 0 < M <= GEMV_MAX_ROWS
             and (M == 1 or K * qt.N > GEMV_SMALL_LINEAR)):
-        tables = unit_tables(qt)
+        tables = _unit_tables(qt, qt._validated)  # _check_qtensor has just computed the identity
         if tables is not None:
             meta, uperm, max_bits = tables
             if _call("exl2_matmul_gemv", dev, x.data_ptr(), qt.q_weight.data_ptr(), qt.q_scale.data_ptr(),
