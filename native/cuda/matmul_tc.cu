@@ -45,17 +45,14 @@ constexpr int TC_STAGES = 3;
 __host__ __device__ inline int64_t align4i(int64_t v) { return (v + 3) / 4 * 4; }
 
 
-// Issue the loads of unit u (of group g) for lane t's columns col0 + 0..3 and col1 + 0..3.
-__device__ __forceinline__ void load_unit(Stage& st, const GroupTable& gt, const int32_t* __restrict__ qw,
-                                          const int32_t* __restrict__ qs, int n_pad, int u, int g, int t, int col0,
-                                          int col1, bool v0, bool v1) {
-    const int b = gt.bits[g];
-    const int lu = u - gt.unit[g];
-    const int rows = min(32, gt.row[g + 1] - gt.row[g] - lu * 32);
-    const int words = (rows * b + 31) >> 5;  // a group's short last unit stops at its last word
+// Issue one unit's loads for lane t's columns col0 + 0..3 and col1 + 0..3: the unit starts at
+// word row `row` of q_weight, has `words` word rows of width b and belongs to group g.
+__device__ __forceinline__ void load_words(Stage& st, const int32_t* __restrict__ qw, const int32_t* __restrict__ qs,
+                                           int n_pad, int64_t row, int b, int words, int g, int t, int col0, int col1,
+                                           bool v0, bool v1) {
     const int j0 = (8 * t * b) >> 5;
     const bool two = ((8 * t * b) & 31) + 8 * b > 32;
-    const int32_t* p = qw + ((int64_t)gt.qrow[g] + (int64_t)lu * b + j0) * n_pad;
+    const int32_t* p = qw + (row + j0) * n_pad;
     st.w[0][0] = ldg4(p + col0, v0 && j0 < words);
     st.w[0][1] = ldg4(p + col1, v1 && j0 < words);
     st.w[1][0] = ldg4(p + n_pad + col0, v0 && two && j0 + 1 < words);
@@ -63,6 +60,17 @@ __device__ __forceinline__ void load_unit(Stage& st, const GroupTable& gt, const
     const int32_t* s = qs + (int64_t)g * (n_pad / 8);
     st.sc[0] = v0 ? (uint32_t)__ldg(s + (col0 >> 3)) : 0u;
     st.sc[1] = v1 ? (uint32_t)__ldg(s + (col1 >> 3)) : 0u;
+}
+
+// The loads of unit u (of group g), from the group table.
+__device__ __forceinline__ void load_unit(Stage& st, const GroupTable& gt, const int32_t* __restrict__ qw,
+                                          const int32_t* __restrict__ qs, int n_pad, int u, int g, int t, int col0,
+                                          int col1, bool v0, bool v1) {
+    const int b = gt.bits[g];
+    const int lu = u - gt.unit[g];
+    const int rows = min(32, gt.row[g + 1] - gt.row[g] - lu * 32);
+    const int words = (rows * b + 31) >> 5;  // a group's short last unit stops at its last word
+    load_words(st, qw, qs, n_pad, (int64_t)gt.qrow[g] + (int64_t)lu * b, b, words, g, t, col0, col1, v0, v1);
 }
 
 
@@ -83,17 +91,7 @@ __device__ __forceinline__ int4 unit_meta(const GroupTable& gt, const __half* __
 __device__ __forceinline__ void load_unit_meta(Stage& st, const int4 um, const int32_t* __restrict__ qw,
                                                const int32_t* __restrict__ qs, int n_pad, int t, int col0, int col1,
                                                bool v0, bool v1) {
-    const int b = um.z & 15, words = (um.z >> 4) & 63, g = um.w & 0xFFFF;
-    const int j0 = (8 * t * b) >> 5;
-    const bool two = ((8 * t * b) & 31) + 8 * b > 32;
-    const int32_t* p = qw + ((int64_t)um.x + j0) * n_pad;
-    st.w[0][0] = ldg4(p + col0, v0 && j0 < words);
-    st.w[0][1] = ldg4(p + col1, v1 && j0 < words);
-    st.w[1][0] = ldg4(p + n_pad + col0, v0 && two && j0 + 1 < words);
-    st.w[1][1] = ldg4(p + n_pad + col1, v1 && two && j0 + 1 < words);
-    const int32_t* s = qs + (int64_t)g * (n_pad / 8);
-    st.sc[0] = v0 ? (uint32_t)__ldg(s + (col0 >> 3)) : 0u;
-    st.sc[1] = v1 ? (uint32_t)__ldg(s + (col1 >> 3)) : 0u;
+    load_words(st, qw, qs, n_pad, um.x, um.z & 15, (um.z >> 4) & 63, um.w & 0xFFFF, t, col0, col1, v0, v1);
 }
 
 template <int MT>
