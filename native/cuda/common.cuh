@@ -1,5 +1,6 @@
 // Shared helpers of the CUDA kernels: error checks, stream casts, the EXL2 group table.
 #pragma once
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -128,6 +129,27 @@ __device__ inline float exl2_scale(int s, __half smax) {
 __device__ inline int scale_code(const int32_t* __restrict__ q_scale, int g, int n, int n_pad) {
     const uint32_t w = (uint32_t)__ldg(q_scale + (int64_t)g * (n_pad / 8) + (n >> 3));
     return (int)((w >> (4 * (n & 7))) & 15u) + 1;
+}
+
+// The K-split reduction of the fused matmuls: entry i of every block's `part` (same shared offset
+// in each block of the cluster) summed over the cluster's ks blocks in rank order, so the result
+// does not depend on timing; block r sums and writes (write(i, sum)) the entries with i % ks == r.
+// Call with every thread (stride threads per block) of every block of the cluster; sm_90 only.
+template <class Write>
+__device__ __forceinline__ void cluster_reduce(float* part, int count, int ks, int stride, Write write) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    const int r = (int)cl.block_rank();
+    for (int i = threadIdx.x; i < count; i += stride) {
+        if (i % ks != r) continue;
+        float sum = 0.0f;
+        for (int q = 0; q < ks; ++q) sum += cl.map_shared_rank(part, q)[i];
+        write(i, sum);
+    }
+    cl.sync();
+#endif
 }
 
 }  // namespace exl2cuda

@@ -16,7 +16,6 @@
 //    x is staged. Measured on an H200 (benchmarks/RESULTS.md): ~25 % of copy bandwidth at M = 1,
 //    issue- and latency-bound (about 3 SIMT instructions per weight); the next step is a
 //    tensor-core (mma.sync) inner loop and one x[:, perm] gather per call instead of per block.
-#include <cooperative_groups.h>
 
 #include <algorithm>
 
@@ -24,7 +23,6 @@
 #include "kernels_cuda.cuh"
 #include "matmul_tc.cuh"
 
-namespace cg = cooperative_groups;
 
 namespace exl2cuda {
 
@@ -371,18 +369,7 @@ __global__ void __launch_bounds__(256, (MT <= 2 ? (CPT == 1 ? 4 : 3) : (MT <= 8 
         __syncthreads();
         for (int i = threadIdx.x; i < NO; i += blockDim.x) write_out(i, part[i]);
     } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        cg::cluster_group cl = cg::this_cluster();
-        cl.sync();
-        const int r = (int)cl.block_rank();
-        for (int i = threadIdx.x; i < NO; i += blockDim.x) {
-            if (i % ks != r) continue;
-            float t = 0.0f;
-            for (int q = 0; q < ks; ++q) t += cl.map_shared_rank(part, q)[i];
-            write_out(i, t);
-        }
-        cl.sync();
-#endif
+        cluster_reduce(part, NO, ks, (int)blockDim.x, write_out);
     }
 }
 

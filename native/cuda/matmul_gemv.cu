@@ -16,7 +16,6 @@
 //  * Decoding and the mma are those of tc_decode.cuh (f32 accumulation, per-group fp16 scales),
 //    except that codes enter the mma as 1024 + q without the subtraction; the block computes
 //    (1024 + 2^(b-1)) * sum(x) per unit once and each group's sums drop it before scaling.
-#include <cooperative_groups.h>
 
 #include <algorithm>
 
@@ -24,7 +23,6 @@
 #include "matmul_gemv.cuh"
 #include "tc_decode.cuh"
 
-namespace cg = cooperative_groups;
 
 namespace exl2cuda {
 
@@ -340,17 +338,10 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
             const int m = 2 * t + (e & 1);
             if (m < a.M) part[m * W * GV_COLS + warp * GV_COLS + col_of(i, e)] = acc[i][0][e];
         }
-    cg::cluster_group cl = cg::this_cluster();
-    cl.sync();
-    const int r = (int)cl.block_rank();
-    for (int i = threadIdx.x; i < NO; i += nthr) {
-        if (i % a.ks != r) continue;
-        float s = 0.0f;
-        for (int q = 0; q < a.ks; ++q) s += cl.map_shared_rank(part, q)[i];  // fixed order
+    cluster_reduce(part, NO, a.ks, nthr, [&](int i, float sum) {
         const int m = i / (W * GV_COLS), n = blockIdx.x * W * GV_COLS + i % (W * GV_COLS);
-        if (n < a.N) a.y[(int64_t)m * a.N + n] = __float2half_rn(s);
-    }
-    cl.sync();
+        if (n < a.N) a.y[(int64_t)m * a.N + n] = __float2half_rn(sum);
+    });
 #endif
 }
 

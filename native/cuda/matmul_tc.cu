@@ -23,7 +23,6 @@
 //    per-group, per-column fp16 scale multiplies the group's partial sum.
 //  * Each warp keeps STAGES units of weight loads in flight across group boundaries (a unit's
 //    loads have the same shape for every bit width); the first ones are issued before x is staged.
-#include <cooperative_groups.h>
 
 #include <algorithm>
 
@@ -31,7 +30,6 @@
 #include "matmul_tc.cuh"
 #include "tc_decode.cuh"
 
-namespace cg = cooperative_groups;
 
 namespace exl2cuda {
 
@@ -255,18 +253,7 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
         __syncthreads();
         for (int i = threadIdx.x; i < NO; i += TC_THREADS) write_out(i, part[i]);
     } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        cg::cluster_group cl = cg::this_cluster();
-        cl.sync();
-        const int r = (int)cl.block_rank();
-        for (int i = threadIdx.x; i < NO; i += TC_THREADS) {
-            if (i % ks != r) continue;
-            float v = 0.0f;
-            for (int q = 0; q < ks; ++q) v += cl.map_shared_rank(part, q)[i];
-            write_out(i, v);
-        }
-        cl.sync();
-#endif
+        cluster_reduce(part, NO, ks, TC_THREADS, write_out);
     }
 }
 
