@@ -152,4 +152,27 @@ __device__ __forceinline__ void cluster_reduce(float* part, int count, int ks, i
 #endif
 }
 
+// Launch kern<<<grid, threads, smem, st>>>(args...) with the blocks along y grouped into
+// thread-block clusters of ks (the K split that cluster_reduce sums; no cluster when ks == 1).
+template <class... Params, class... Args>
+void launch_k_split(void (*kern)(Params...), dim3 grid, int threads, size_t smem, cudaStream_t st, int ks,
+                    const char* what, Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads, 1, 1);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cudaLaunchAttribute attr[1];
+    if (ks > 1) {
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = 1;
+        attr[0].val.clusterDim.y = ks;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+    }
+    check(cudaLaunchKernelEx(&cfg, kern, args...), what);
+    check_launch(what);
+}
+
 }  // namespace exl2cuda

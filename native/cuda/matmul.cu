@@ -460,24 +460,9 @@ void launch_matmul(const void* x, const int32_t* q_weight, const int32_t* q_scal
     if (smem > 48 * 1024)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
     const int ntiles = (n_pad + 32 * CPT - 1) / (32 * CPT);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(ntiles, ks, mtiles);
-    cfg.blockDim = dim3(256, 1, 1);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    if (ks > 1) {
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = 1;
-        attr[0].val.clusterDim.y = ks;
-        attr[0].val.clusterDim.z = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-    }
-    check(cudaLaunchKernelEx(&cfg, kern, x, reinterpret_cast<const uint32_t*>(q_weight), q_scale,
-                             reinterpret_cast<const __half*>(q_scale_max), q_groups, q_perm, y, M, K, N, n_pad, G, ks, flags),
-          "exl2_matmul");
-    check_launch("exl2_matmul");
+    launch_k_split(kern, dim3(ntiles, ks, mtiles), 256, smem, st, ks, "exl2_matmul", x,
+                   reinterpret_cast<const uint32_t*>(q_weight), q_scale, reinterpret_cast<const __half*>(q_scale_max),
+                   q_groups, q_perm, y, M, K, N, n_pad, G, ks, flags);
 }
 
 template <int CPT, bool F16>

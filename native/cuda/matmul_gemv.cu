@@ -351,22 +351,7 @@ void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
     if (smem > 48 * 1024)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
     if (a.ks > 8) check(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "exl2_matmul");
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(gx, (unsigned)a.ks, 1);
-    cfg.blockDim = dim3(W * 32, 1, 1);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    if (a.ks > 1) {
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = 1;
-        attr[0].val.clusterDim.y = a.ks;
-        attr[0].val.clusterDim.z = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-    }
-    check(cudaLaunchKernelEx(&cfg, kern, a), "exl2_matmul");
-    check_launch("exl2_matmul");
+    launch_k_split(kern, dim3(gx, (unsigned)a.ks, 1), W * 32, smem, st, a.ks, "exl2_matmul", a);
 }
 
 }  // namespace

@@ -341,22 +341,8 @@ void launch_tc(const __half* x, const int32_t* qw, const int32_t* qs, const __ha
     auto kern = exl2_matmul_tc_kernel<MT>;
     if (smem > 48 * 1024)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)cdiv(n_pad, TC_COLS), (unsigned)ks, (unsigned)ztiles);
-    cfg.blockDim = dim3(TC_THREADS, 1, 1);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cudaLaunchAttribute attr[1];
-    if (ks > 1) {
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = 1;
-        attr[0].val.clusterDim.y = ks;
-        attr[0].val.clusterDim.z = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-    }
-    check(cudaLaunchKernelEx(&cfg, kern, x, qw, qs, qsm, qg, perm, y, M, K, N, n_pad, G, ks, x_in_smem), "exl2_matmul");
-    check_launch("exl2_matmul");
+    launch_k_split(kern, dim3((unsigned)cdiv(n_pad, TC_COLS), (unsigned)ks, (unsigned)ztiles), TC_THREADS, smem, st, ks,
+                   "exl2_matmul", x, qw, qs, qsm, qg, perm, y, M, K, N, n_pad, G, ks, x_in_smem);
 }
 
 }  // namespace
