@@ -10,12 +10,20 @@ mask over the whole cache). Counts, per step:
     same program the CUDA graph holds, each of which is at least one kernel there.
 Also prints the median step time (CPU timings are for comparison between versions only).
 
-Usage: python benchmarks/decode_ops.py [--device cpu|cuda] [--layers 30] [--steps 5]
+With --exl2 BPW (CUDA) the decoder's linears become random EXL2 tensors of that layout
+(benchmarks/kernels.py random_qtensor: what the values are does not change the work), and the
+run also prints where a step's GPU time goes (per kernel, from the profiler) and the step time
+of a replayed CUDA graph (what `generate` does) against the bandwidth limit: bytes of the
+decoder's and head's weights / the copy bandwidth measured in the same run.
+
+Usage: python benchmarks/decode_ops.py [--device cpu|cuda] [--preset smollm2|llama2-7b] [--layers N]
+       [--exl2 4.0] [--steps 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -40,6 +48,76 @@ NO_KERNEL = {
     "aten::unflatten", "aten::flatten", "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense",
 }
 MATMUL = ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "aten::linear", "exl2")
+PRESETS = {
+    "smollm2": dict(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152),
+    "llama2-7b": dict(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000),
+}
+
+
+def grow_layers(model, n: int) -> None:
+    """Copies of the one loaded layer until the model has n (their linears are replaced next)."""
+    first = model.layers[0]
+    for i in range(1, n):
+        layer = copy.deepcopy(first)
+        layer.self_attn.layer_idx = i
+        model.layers.append(layer)
+    model.cfg.num_layers = n
+
+
+def quantize_linears(model, bpw: float) -> None:
+    """Every decoder linear becomes a random EXL2 linear of the same shape (the head stays FP16)."""
+    from kernels import random_qtensor
+
+    from exl2build.model.linear import EXL2Linear, FP16Linear
+
+    for i, layer in enumerate(model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for name, m in list(parent.named_children()):
+                if isinstance(m, FP16Linear):
+                    setattr(parent, name, EXL2Linear(random_qtensor(m.K, m.N, bpw, 1000 * i + len(name), str(m.weight.device))))
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads for the linears (the embedding reads one row)."""
+    from exl2build.model.linear import EXL2Linear, FP16Linear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, EXL2Linear):
+            total += sum(t.numel() * t.element_size() for t in (m.qtensor.q_weight, m.qtensor.q_scale))
+        elif isinstance(m, FP16Linear):
+            total += m.weight.numel() * 2
+    return total
+
+
+def kernel_times(prof) -> list[tuple[str, int, float]]:
+    """(kernel name, launches, total device us) per kernel name, largest first."""
+    agg: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            a = agg.setdefault(e.name, [0, 0.0])
+            a[0] += 1
+            a[1] += e.device_time
+    return sorted(((k, n, t) for k, (n, t) in agg.items()), key=lambda r: -r[2])
+
+
+def graph_step_seconds(model, cache, steps: int = 50) -> float:
+    """Median seconds per decode step replaying the captured graph `generate` uses."""
+    from exl2build.model.generate import GraphDecoder
+
+    cache.length = 16
+    dec = GraphDecoder(model, cache)
+    ids = torch.tensor([5], device=model.device)
+    times = []
+    for _ in range(5):
+        cache.length = 16
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            dec.step(ids)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times)
 
 
 def leaf_ops(prof) -> Counter:
@@ -57,20 +135,26 @@ def leaf_ops(prof) -> Counter:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--layers", type=int, default=30)
-    ap.add_argument("--hidden", type=int, default=576)
-    ap.add_argument("--intermediate", type=int, default=1536)
-    ap.add_argument("--heads", type=int, default=9)
-    ap.add_argument("--kv-heads", type=int, default=3)
-    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="smollm2")
+    ap.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
+    ap.add_argument("--exl2", type=float, help="make the decoder's linears random EXL2 tensors of this bpw ")
+    ap.add_argument("--cache-len", type=int, default=272, help="KV cache length (16-token prompt + 256 new)")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     dev = torch.device(args.device)
+    dims = dict(PRESETS[args.preset])
+    if args.layers:
+        dims["layers"] = args.layers
+    layers = dims["layers"]
+    if args.exl2:  # one FP16 layer on disk, copied: a 7B-shaped FP16 folder would take minutes to write
+        dims["layers"] = 1
     with tempfile.TemporaryDirectory() as tmp:
-        write_random_llama(Path(tmp), layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
-                           heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab, tie=True)
+        write_random_llama(Path(tmp), **dims, tie=True)
         model, cfg = load_model(tmp, device=dev)
-    cache = model.new_cache(1, 64)
+    if args.exl2:
+        grow_layers(model, layers)
+        quantize_linears(model, args.exl2)
+    cache = model.new_cache(1, args.cache_len)
     model(torch.tensor([[1, 2, 3, 4]]), cache)  # a prompt, then static decode steps
     cache.pos_t = torch.full((1,), cache.length, dtype=torch.long, device=dev)
     ids = torch.tensor([[5]], device=dev)
@@ -93,6 +177,11 @@ def main() -> int:
         mm = sum(n for k, n in names.items() if "gemm" in k.lower() or "gemv" in k.lower() or "exl2" in k.lower())
         print(f"{dev}: {total} kernels per step ({total / cfg.num_layers:.1f} per layer), matmul kernels {mm}, "
               f"others {total - mm} ({(total - mm) / cfg.num_layers:.1f} per layer)")
+        rows = kernel_times(prof)
+        busy = sum(r[2] for r in rows)
+        print(f"GPU busy {busy:.0f} us per step (profiled, eager); per kernel:")
+        for name, n, t in rows[:15]:
+            print(f"  {t:9.1f} us {100 * t / busy:5.1f} % {n:4d}x  {name[:110]}")
     else:
         ops = leaf_ops(prof)
         total = sum(ops.values())
@@ -111,6 +200,15 @@ def main() -> int:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     print(f"median step {1e3 * statistics.median(times):.2f} ms (eager, {cfg.num_layers} layers)")
+    if dev.type == "cuda":
+        from kernels import copy_bandwidth
+
+        bw = copy_bandwidth()
+        limit = weight_bytes(model) / bw
+        t = graph_step_seconds(model, cache)
+        print(f"CUDA graph step {1e3 * t:.3f} ms = {1 / t:.1f} tok/s; weights {weight_bytes(model) / 1e9:.3f} GB, "
+              f"copy bandwidth {bw / 1e9:.0f} GB/s -> limit {1e3 * limit:.3f} ms = {1 / limit:.0f} tok/s "
+              f"({100 * limit / t:.1f} % of the limit)")
     return 0
 
 

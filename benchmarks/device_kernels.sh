@@ -27,7 +27,8 @@ cd /tmp
 $PY -c "import exl2build._native as n; print('built_with_cuda', n.built_with_cuda, 'SMs', n.cuda.device_sm_count())"
 
 echo "== pytest $(date -u +%T)"
-timeout 240 $PY -m pytest "$REPO/tests/test_kernels_cuda.py" -q -n 16 -p no:cacheprovider --rootdir "$REPO" ${PYTEST_K:+-k "$PYTEST_K"} \
+# Every CUDA-marked test (kernels, forward pass, generation), unless PYTEST_FILES narrows it.
+timeout 240 $PY -m pytest ${PYTEST_FILES:-$REPO/tests} -m cuda -q -n 16 -p no:cacheprovider --rootdir "$REPO" ${PYTEST_K:+-k "$PYTEST_K"} \
   > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
 
@@ -36,8 +37,14 @@ timeout 300 $PY "$REPO/benchmarks/kernels.py" "$@" --out "$OUT/bench.md" --json 
 echo "bench rc=$?"; grep -v "^|" "$OUT/bench.log" | head -80
 
 echo "== decode operators $(date -u +%T)"
-timeout 120 $PY "$REPO/benchmarks/decode_ops.py" --device cuda > "$OUT/decode_ops.log" 2>&1
-echo "decode_ops rc=$?"; grep -E "per step|median" "$OUT/decode_ops.log"
+# SmolLM2 shapes in FP16 (the launch count), then EXL2 decoders: SmolLM2 and Llama-2-7B shapes at 4.0 bpw.
+: > "$OUT/decode_ops.log"
+for preset in "smollm2" "smollm2 --exl2 4.0" "llama2-7b --exl2 4.0"; do
+  echo "-- decode_ops --preset $preset" | tee -a "$OUT/decode_ops.log"
+  timeout 180 $PY "$REPO/benchmarks/decode_ops.py" --device cuda --preset $preset >> "$OUT/decode_ops.log" 2>&1
+  echo "decode_ops rc=$?"
+done
+grep -vE "^(STAGE|USDT)|profiler_st" "$OUT/decode_ops.log"
 
 echo "== ncu $(date -u +%T)"
 [ -n "${SKIP_NCU:-}" ] || timeout 120 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \

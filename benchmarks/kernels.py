@@ -34,7 +34,7 @@ import torch
 from exl2build import _native
 from exl2build.format.exl2 import QTensor
 
-C = _native.cuda
+C = getattr(_native, "cuda", None)  # absent from a CPU-only build (random_qtensor still works)
 L2_BYTES = 60 << 20
 MATMUL_SIMT = 8  # exl2_matmul_cfg flags: the SIMT fused kernel
 MATMUL_TC = 16  # the tensor-core fused kernel (the default for f16 at M >= 2)
@@ -116,9 +116,9 @@ LAYOUTS = {  # bpw -> [(bits, fraction of K)], group size 128
 }
 
 
-def random_qtensor(K: int, N: int, bpw: float, seed: int) -> QTensor:
+def random_qtensor(K: int, N: int, bpw: float, seed: int, device: str = "cuda") -> QTensor:
     """Random but valid packed tensors (every bit pattern is a valid code)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     n_pad = (N + 31) // 32 * 32
     groups = []
     for bits, frac in LAYOUTS[bpw]:
@@ -126,17 +126,17 @@ def random_qtensor(K: int, N: int, bpw: float, seed: int) -> QTensor:
         groups += [bits] * (rows // 128)
     while len(groups) * 128 < K:
         groups.append(LAYOUTS[bpw][-1][0])
-    groups = groups[: K // 128]
+    groups = groups[: (K + 127) // 128]
     qg, word = [], 0
-    for b in groups:
+    for i, b in enumerate(groups):  # the last group may be short (K not a multiple of 128)
         qg += [b, word]
-        word += 128 * b // 32
-    q_weight = torch.randint(-(2**31), 2**31 - 1, (word, n_pad), generator=g, device="cuda", dtype=torch.int64).to(torch.int32)
+        word += min(128, K - 128 * i) * b // 32
+    q_weight = torch.randint(-(2**31), 2**31 - 1, (word, n_pad), generator=g, device=device, dtype=torch.int64).to(torch.int32)
     G = len(groups)
-    q_scale = torch.randint(-(2**31), 2**31 - 1, (G, n_pad // 8), generator=g, device="cuda", dtype=torch.int64).to(torch.int32)
-    q_scale_max = (torch.rand(G, generator=g, device="cuda") * 0.01 + 0.005).half()
-    q_groups = torch.tensor(qg, dtype=torch.int16, device="cuda")
-    invperm = torch.argsort(torch.rand(K, generator=g, device="cuda")).to(torch.int32)
+    q_scale = torch.randint(-(2**31), 2**31 - 1, (G, n_pad // 8), generator=g, device=device, dtype=torch.int64).to(torch.int32)
+    q_scale_max = (torch.rand(G, generator=g, device=device) * 0.01 + 0.005).half()
+    q_groups = torch.tensor(qg, dtype=torch.int16, device=device)
+    invperm = torch.argsort(torch.rand(K, generator=g, device=device)).to(torch.int32)
     return QTensor(q_weight, q_scale, q_scale_max, q_groups, invperm, None, K, N)
 
 
