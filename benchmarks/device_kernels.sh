@@ -14,6 +14,15 @@ PY=${PY:-python3}
 cd "$REPO"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv > "$OUT/gpu.txt" 2>&1; cat "$OUT/gpu.txt"
 
+# The CLI's configuration stack, for the forward/generation tests (the machine has no index):
+# the wheels carried in .whl/ whose import fails.
+want=""
+for pair in hydra:hydra_core omegaconf:omegaconf antlr4:antlr4 gguf:gguf; do
+  (cd /tmp && $PY -c "import ${pair%%:*}") 2>/dev/null && continue
+  f=$(ls .whl/${pair#*:}-* 2>/dev/null | head -1); [ -n "$f" ] && want="$want $f"
+done
+[ -n "$want" ] && $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir $want > "$OUT/wheels.log" 2>&1
+
 echo "== build $(date -u +%T)"
 t0=$(date +%s)
 EXL2BUILD_CUDA=ON EXL2BUILD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
