@@ -48,6 +48,7 @@ NO_KERNEL = {
     "aten::unflatten", "aten::flatten", "aten::is_nonzero", "aten::item", "aten::_local_scalar_dense",
 }
 MATMUL = ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "aten::linear", "exl2")
+MATMUL_KERNELS = ("gemm", "gemv", "nvjet", "exl2_matmul", "dequant")  # cuBLAS and ours
 PRESETS = {
     "smollm2": dict(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152),
     "llama2-7b": dict(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000),
@@ -174,7 +175,7 @@ def main() -> int:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         names = Counter(e.name for e in kernels)
         total = sum(names.values())
-        mm = sum(n for k, n in names.items() if "gemm" in k.lower() or "gemv" in k.lower() or "exl2" in k.lower())
+        mm = sum(n for k, n in names.items() if any(w in k.lower() for w in MATMUL_KERNELS))
         print(f"{dev}: {total} kernels per step ({total / cfg.num_layers:.1f} per layer), matmul kernels {mm}, "
               f"others {total - mm} ({(total - mm) / cfg.num_layers:.1f} per layer)")
         rows = kernel_times(prof)

@@ -3,7 +3,7 @@
 # the kernel benchmarks, and compute-sanitizer over a pass through every kernel.
 # Logs land in $OUT (build.log, pytest.log, bench.log, bench.md, bench.json, decode_ops.log, sanitize.log).
 # Usage on the device machine, from the repository root: bash benchmarks/device_kernels.sh [--quick]
-# (SKIP_SANITIZER=1 skips the compute-sanitizer passes, SKIP_NCU=1 the Nsight Compute pass;
+# (SKIP_SANITIZER=1 skips the compute-sanitizer passes, SKIP_NCU=1 the Nsight Compute pass, SKIP_BENCH=1 kernels.py;
 # PYTEST_K selects tests by -k expression; NCU_KERNEL (default exl2_gemv) names the profiled kernel).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -42,7 +42,7 @@ timeout 240 $PY -m pytest ${PYTEST_FILES:-$REPO/tests} -m cuda -q -n 16 -p no:ca
 echo "pytest rc=$?"; tail -25 "$OUT/pytest.log"
 
 echo "== bench $(date -u +%T)"
-timeout 300 $PY "$REPO/benchmarks/kernels.py" "$@" --out "$OUT/bench.md" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+[ -n "${SKIP_BENCH:-}" ] || timeout 300 $PY "$REPO/benchmarks/kernels.py" "$@" --out "$OUT/bench.md" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; grep -v "^|" "$OUT/bench.log" | head -80
 
 echo "== decode operators $(date -u +%T)"

@@ -391,3 +391,90 @@ def logit_stats(
     if kld is not None:
         out["kld"] = kld
     return out
+
+
+# ----------------------------------------------------------------------------- forward pass (CUDA, f16)
+# Fused versions of the forward pass's small operations (native/cuda/forward.cu). CUDA and f16
+# only: model/forward.py uses them there and plain torch elsewhere (kernels_ref.py has both forms).
+
+
+def forward_ops_available(t: torch.Tensor) -> bool:
+    """Whether the fused forward operations can run on tensors like t."""
+    return t.is_cuda and t.dtype == torch.float16 and bool(_native.built_with_cuda)
+
+
+def _check_f16_cuda(name: str, t, shape=None, device=None) -> torch.Tensor:
+    _check(name, t, torch.float16, shape=shape, device=device)
+    if not t.is_cuda:
+        raise ValueError(f"{name}: the fused forward operations run on CUDA only (got {t.device}); use torch on CPU")
+    return t
+
+
+def rms_norm(x: torch.Tensor, weight_f32: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h) * weight, h) over the last dim, h = x or, with a residual, h = x + residual (f16).
+
+    The norm runs in f32 (h * rsqrt(mean(h^2) + eps) * weight) and rounds once to f16.
+    """
+    _check_f16_cuda("x", x)
+    dim = x.shape[-1]
+    _check("weight_f32", weight_f32, torch.float32, shape=(dim,), device=x.device)
+    if residual is not None:
+        _check_f16_cuda("residual", residual, shape=x.shape, device=x.device)
+    out = torch.empty_like(x)
+    h = x if residual is None else torch.empty_like(x)
+    rows = x.numel() // dim if dim else 0
+    if rows:
+        _call("rms_norm", x.device, x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight_f32.data_ptr(),
+              out.data_ptr(), 0 if residual is None else h.data_ptr(), rows, dim, float(eps))
+    return out, h
+
+
+def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, pos) -> None:
+    """RoPE of q [B, T, H*D] in place; RoPE(k) and v [B, T, Hkv*D] stored into k_cache / v_cache
+    [B, Hkv, max_len, D] at positions `pos` (a device LongTensor [T], or an int start).
+
+    cos / sin [T, D]: RotaryEmbedding's rows (sin with its first half negated).
+    """
+    _check_f16_cuda("q", q)
+    if q.dim() != 3:
+        raise ValueError(f"q: expected [B, T, heads * head_dim], got shape {tuple(q.shape)}")
+    dev = q.device
+    _check_f16_cuda("k_cache", k_cache, device=dev)
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache: expected [B, kv_heads, max_len, head_dim], got shape {tuple(k_cache.shape)}")
+    B, T, _ = q.shape
+    _, Hkv, max_len, D = k_cache.shape
+    if k_cache.shape[0] != B or D % 2 or D > 512 or q.shape[2] % D:
+        raise ValueError(f"rope_cache: q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} do not fit "
+                         "(same batch, an even head_dim <= 512 dividing q's last dim)")
+    H = q.shape[2] // D
+    _check_f16_cuda("v_cache", v_cache, shape=k_cache.shape, device=dev)
+    _check_f16_cuda("k", k, shape=(B, T, Hkv * D), device=dev)
+    _check_f16_cuda("v", v, shape=(B, T, Hkv * D), device=dev)
+    _check_f16_cuda("cos", cos, shape=(T, D), device=dev)
+    _check_f16_cuda("sin", sin, shape=(T, D), device=dev)
+    if isinstance(pos, torch.Tensor):
+        _check("pos", pos, torch.int64, shape=(T,), device=dev)
+        pos_ptr, start = pos.data_ptr(), 0
+    else:
+        start = int(pos)
+        if start < 0 or start + T > max_len:
+            raise ValueError(f"rope_cache: positions {start}..{start + T - 1} do not fit a cache of {max_len}")
+        pos_ptr = 0
+    if B * T:
+        _call("rope_cache", dev, q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+              k_cache.data_ptr(), v_cache.data_ptr(), pos_ptr, start, B, T, H, Hkv, D, max_len)
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u in f16 (the SwiGLU MLP's middle)."""
+    _check_f16_cuda("g", g)
+    _check_f16_cuda("u", u, shape=g.shape, device=g.device)
+    if g.numel() % 2:
+        raise ValueError(f"silu_mul: an even element count is needed, got shape {tuple(g.shape)}")
+    out = torch.empty_like(g)
+    if g.numel():
+        _call("silu_mul", g.device, g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel())
+    return out

@@ -8,6 +8,7 @@ logit statistics agree to float tolerance (summation order differs).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _MASK32 = (1 << 32) - 1
 
@@ -197,3 +198,32 @@ def logit_stats(
         tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp(min=1e-300)) - torch.log(q_tail)), 0.0)
         out["kld"] = ((p * (logp - logq)).sum(1) + tail).to(torch.float32)
     return out
+
+
+# ----------------------------------------------------------------------------- forward pass
+# The torch forms of the fused forward operations (model/forward.py runs these on CPU).
+
+
+def rms_norm(x: torch.Tensor, weight_f32: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x if residual is None else x + residual
+    return F.rms_norm(h.float(), (h.shape[-1],), weight_f32, eps).to(h.dtype), h
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., T, D] in the rotate-half form, sin with its first half negated."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+
+def rope_cache(q, k, v, cos, sin, k_cache, v_cache, pos) -> None:
+    B, T, _ = q.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[3]
+    qh = q.view(B, T, -1, D).transpose(1, 2)
+    qh.copy_(rope(qh, cos, sin))
+    idx = pos if isinstance(pos, torch.Tensor) else torch.arange(pos, pos + T, device=q.device)
+    k_cache.index_copy_(2, idx, rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin))
+    v_cache.index_copy_(2, idx, v.view(B, T, Hkv, D).transpose(1, 2))
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u

@@ -40,8 +40,10 @@ def make_tiny_llama(
     arch: str = "LlamaForCausalLM",
     qkv_bias: bool = False,
     seed: int = 0,
+    tokenizer: bool = True,
 ) -> Path:
-    """Write a tiny random Llama-architecture HF directory with the Llama-2 tokenizer."""
+    """Write a tiny random Llama-architecture HF directory with the Llama-2 tokenizer (or, with
+    tokenizer=False, none: enough for load_model, and needs nothing from ../shared)."""
     root.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     head_dim = hidden // heads
@@ -86,7 +88,8 @@ def make_tiny_llama(
         "torch_dtype": "float16",
     }
     (root / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.copy(_require(LLAMA2_TOKENIZER), root / "tokenizer.model")
+    if tokenizer:
+        shutil.copy(_require(LLAMA2_TOKENIZER), root / "tokenizer.model")
     return root
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exl2build import kernels, kernels_ref
 from exl2build.errors import InputError
 from exl2build.model.config import ModelConfig
 from exl2build.model.linear import Linear
@@ -21,12 +22,21 @@ def compute_dtype_for(device: torch.device | str) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+# The fused CUDA forms of the small operations (native/cuda/forward.cu via kernels.py) run for
+# f16 CUDA tensors; everything else runs the torch forms in kernels_ref.py. Tests turn FUSED off
+# to compare the two.
+FUSED = True
+
+
+def _ops(x: torch.Tensor):
+    return kernels if FUSED and kernels.forward_ops_available(x) else kernels_ref
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * weight in fp32, cast back to x's dtype.
 
-    torch's rms_norm (one fused kernel on CUDA) and an fp32 copy of the weight made once: a
-    decode step runs two norms per layer, and each kernel launch costs about as much as the
-    norm's work at batch 1.
+    The fp32 weight copy is made once: a decode step runs two norms per layer, and a cast costs
+    a kernel launch, about as much as the norm's work at batch 1.
     """
 
     def __init__(self, weight: torch.Tensor, eps: float):
@@ -36,7 +46,16 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight_f32", self.weight.detach().float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight_f32, self.eps).to(x.dtype)
+        return _ops(x).rms_norm(x, self.weight_f32, self.eps)[0]
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): a block's residual add fused with the next norm."""
+        return _ops(x).rms_norm(x, self.weight_f32, self.eps, residual)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, the SwiGLU MLP's middle (shared with the measurement's split block)."""
+    return _ops(gate).silu_mul(gate, up)
 
 
 # ---------------------------------------------------------------- rotary embeddings
@@ -153,9 +172,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x [B, H, T, D]; cos/sin [T, D] from RotaryEmbedding (sin with its first half negated).
 
     The rotate-half form x * cos + cat(-x2, x1) * sin, written as x * cos + roll(x, D/2) * sin'
-    with sin' = cat(-sin, sin): three kernels instead of five.
+    with sin' = cat(-sin, sin): three kernels instead of five (the fused path: one for q, k and
+    the cache writes, kernels.rope_cache).
     """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+    return kernels_ref.rope(x, cos, sin)
 
 
 # ---------------------------------------------------------------- KV cache
@@ -186,13 +206,21 @@ class KVCache:
         self.v[layer].index_copy_(2, self.pos_t, v)
         return self.k[layer], self.v[layer]
 
+    def check_room(self, T: int) -> None:
+        if self.length + T > self.max_len:
+            raise ValueError(f"KVCache overflow: {self.length} + {T} tokens > max_len {self.max_len}")
+
+    def filled(self, layer: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the stored tokens plus the T being written."""
+        n = self.length + T
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, T = self.length, k.shape[2]
-        if start + T > self.max_len:
-            raise ValueError(f"KVCache overflow: {start} + {T} tokens > max_len {self.max_len}")
+        self.check_room(T)
         self.k[layer][:, :, start : start + T] = k
         self.v[layer][:, :, start : start + T] = v
-        return self.k[layer][:, :, : start + T], self.v[layer][:, :, : start + T]
+        return self.filled(layer, T)
 
 
 # ---------------------------------------------------------------- blocks
@@ -212,28 +240,41 @@ class Attention(nn.Module):
         """rope: the (cos, sin) rows of these tokens when the caller looked them up once for all
         layers (Model.hidden); otherwise looked up here."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        gqa = self.num_heads != self.num_kv_heads
-        if cache is not None and cache.pos_t is not None:
-            # Static mode: no host syncs, fixed shapes (see KVCache).
-            cos, sin = rope if rope is not None else self.rotary.gather(cache.pos_t, x.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k, v = cache.store_static(self.layer_idx, k, v)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
-            return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
-        # `pos` is an int start position or a LongTensor [T] of absolute positions.
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # Static mode (CUDA-graph decode): positions on the device, no host syncs, fixed shapes.
+        static = cache is not None and cache.pos_t is not None
         if rope is not None:
             cos, sin = rope
+        elif static:
+            cos, sin = self.rotary.gather(cache.pos_t, x.dtype)
         else:
+            # `pos` is an int start position or a LongTensor [T] of absolute positions.
             cos, sin = self.rotary.cos_sin(cache.length if cache is not None else pos, T, x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.store(self.layer_idx, k, v)
-        if past == 0:
+        past = cache.length if cache is not None and not static else 0
+        if cache is not None and _ops(x) is kernels:
+            # One kernel: RoPE of q in place, RoPE(k) and v into the cache.
+            if not static:
+                cache.check_room(T)
+            kernels.rope_cache(q, k, v, cos, sin, cache.k[self.layer_idx], cache.v[self.layer_idx],
+                               cache.pos_t if static else past)
+            q = q.view(B, T, H, D).transpose(1, 2)
+            if static:
+                k, v = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            else:
+                k, v = cache.filled(self.layer_idx, T)
+        else:
+            q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, sin)
+            k = apply_rope(k.view(B, T, Hkv, D).transpose(1, 2), cos, sin)
+            v = v.view(B, T, Hkv, D).transpose(1, 2)
+            if static:
+                k, v = cache.store_static(self.layer_idx, k, v)
+            elif cache is not None:
+                k, v = cache.store(self.layer_idx, k, v)
+        gqa = H != Hkv
+        if static:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
+        elif past == 0:
             # Square causal mask; SDPA aligns is_causal top-left, so only valid without history.
             o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         elif T == 1:
@@ -243,7 +284,7 @@ class Attention(nn.Module):
             qi = torch.arange(T, device=x.device)[:, None] + past
             kj = torch.arange(past + T, device=x.device)[None, :]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=kj <= qi, enable_gqa=gqa)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -252,7 +293,7 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -268,7 +309,9 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x: torch.Tensor, pos=0, cache: KVCache | None = None, rope=None) -> torch.Tensor:
-        return self.mlp_block(self.attn_block(x, pos, cache, rope))
+        # attn_block then mlp_block, with the first residual add fused into the second norm.
+        z, x = self.post_attention_layernorm.add_norm(self.self_attn(self.input_layernorm(x), pos, cache, rope), x)
+        return x + self.mlp(z)
 
 
 class Embedding(nn.Module):

@@ -23,7 +23,7 @@ from exl2build.errors import InputError
 from exl2build.model.config import ModelConfig
 from exl2build.model.linear import FP16Linear
 from exl2build.model.load import load_embedding, load_layer
-from exl2build.model.forward import RotaryEmbedding, apply_rope
+from exl2build.model.forward import RotaryEmbedding, apply_rope, swiglu
 from exl2build.model.weights import WeightStore
 from exl2build.quant import layerwise as lw
 from exl2build.quant.gptq import as_scale_search, quantize_linear
@@ -107,7 +107,7 @@ def _block_prefix(layer, kind: str, x: torch.Tensor, lins: dict):
     prefix + _block_rest is bit for bit the block (tests/test_quant_measure_memory.py)."""
     if kind == "mlp":
         z = layer.post_attention_layernorm(x)
-        return F.silu(lins["gate_proj"](z)) * lins["up_proj"](z)
+        return swiglu(lins["gate_proj"](z), lins["up_proj"](z))
     a = layer.self_attn
     z = layer.input_layernorm(x)
     B, T, _ = z.shape

@@ -97,5 +97,19 @@ void register_cuda(py::module_& m) {
                               ptr<const int32_t>(ref_idx), ptr<const float>(ref_logp), k, ptr<float>(nll),
                               ptr<int64_t>(argmax), ptr<float>(kld), stream);
     }, nogil);
+    // The forward pass's fused f16 operations (forward.cu); exl2build/kernels.py checks the tensors.
+    m.def("rms_norm", [](P x, P residual, P w, P out, P h_out, int64_t rows, int64_t dim, float eps, P stream) {
+        exl2cuda::rms_norm(ptr<const void>(x), ptr<const void>(residual), ptr<const float>(w), ptr<void>(out),
+                           ptr<void>(h_out), rows, dim, eps, stream);
+    }, nogil);
+    m.def("rope_cache", [](P q, P k, P v, P cos_t, P sin_t, P k_cache, P v_cache, P pos, int64_t start, int64_t B,
+                           int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t max_len, P stream) {
+        exl2cuda::rope_cache(ptr<void>(q), ptr<const void>(k), ptr<const void>(v), ptr<const void>(cos_t),
+                             ptr<const void>(sin_t), ptr<void>(k_cache), ptr<void>(v_cache), ptr<const int64_t>(pos),
+                             start, B, T, H, Hkv, D, max_len, stream);
+    }, nogil);
+    m.def("silu_mul", [](P g, P u, P out, int64_t n, P stream) {
+        exl2cuda::silu_mul(ptr<const void>(g), ptr<const void>(u), ptr<void>(out), n, stream);
+    }, nogil);
     m.def("device_sm_count", []() { return exl2cuda::device_sm_count(); }, "SMs of the current device");
 }

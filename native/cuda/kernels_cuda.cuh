@@ -37,6 +37,17 @@ void logit_stats(const void* logits, bool logits_is_f16, int64_t T, int64_t V, c
                  const int32_t* ref_idx, const float* ref_logp, int64_t k, float* nll_out,
                  int64_t* argmax_out, float* kld_out, uintptr_t stream);
 
+// The forward pass's fused f16 operations (forward.cu). rms_norm: out = norm(h) * w with
+// h = x (residual null) or h = x + residual, then also written to h_out (may alias x).
+// rope_cache: RoPE of q [B*T, H*D] in place and of k [B*T, Hkv*D] into k_cache, v into v_cache
+// ([B, Hkv, max_len, D]) at positions pos[T] (device int64) or, when pos is null, start + t.
+void rms_norm(const void* x, const void* residual, const float* w, void* out, void* h_out, int64_t rows,
+              int64_t dim, float eps, uintptr_t stream);
+void rope_cache(void* q, const void* k, const void* v, const void* cos_t, const void* sin_t, void* k_cache,
+                void* v_cache, const int64_t* pos, int64_t start, int64_t B, int64_t T, int64_t H, int64_t Hkv,
+                int64_t D, int64_t max_len, uintptr_t stream);
+void silu_mul(const void* g, const void* u, void* out, int64_t n, uintptr_t stream);
+
 // Device facts used by the launchers (and reported by the benchmarks).
 int device_sm_count();
 int device_cc_major();

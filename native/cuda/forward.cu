@@ -1,0 +1,140 @@
+// The forward pass's small f16 operations, fused (serves exl2build/model/forward.py on CUDA).
+//
+// A batch-1 decode step of a 7B-shaped model spent ~1.5 ms of its ~4.6 ms of GPU time outside
+// the matmuls, in ~19 torch kernels per layer of 1-5 us each: RMSNorm alone was three (cast to
+// f32, the norm, cast back), RoPE six, the cache writes two (benchmarks/decode_ops.py). These
+// kernels do the same arithmetic in one launch each, rounding where torch rounds:
+//  * rms_norm: out = f16(h * rsqrt(mean(h^2) + eps) * w) in f32, optionally after the residual
+//    add h = f16(x + r), written back as the new residual stream;
+//  * rope_cache: RoPE of q (in place) and k in the rotate-half form with a sign-folded sin
+//    table (f16(f16(x * cos) + x_rolled * sin), as torch's mul + addcmul), k and v stored into
+//    the KV cache at their positions;
+//  * silu_mul: f16(f16(silu(g)) * u), as torch's silu then mul.
+// The norm's f32 sum runs in a different order than torch's, so its outputs may differ from
+// torch's in the last bit; rope_cache and silu_mul match torch bit for bit.
+
+#include "common.cuh"
+#include "kernels_cuda.cuh"
+
+namespace exl2cuda {
+
+namespace {
+
+constexpr int NORM_THREADS = 256;
+
+// One block per row. The row is read twice (sum of squares, then scaling); the second read hits
+// L1/L2 (a row is at most a few tens of KB).
+__global__ void __launch_bounds__(NORM_THREADS) rms_norm_kernel(const __half* __restrict__ x,
+                                                                const __half* __restrict__ r,
+                                                                const float* __restrict__ w,
+                                                                __half* __restrict__ out, __half* h_out, int dim,
+                                                                float eps) {
+    const int64_t row = blockIdx.x;
+    const __half* xr = x + row * dim;
+    const __half* rr = r ? r + row * dim : nullptr;
+    __half* hr = h_out ? h_out + row * dim : nullptr;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += NORM_THREADS) {
+        __half h = xr[i];
+        if (rr) {
+            h = __float2half_rn(__half2float(h) + __half2float(rr[i]));
+            hr[i] = h;  // read back below by this same thread
+        }
+        const float f = __half2float(h);
+        ss += f * f;
+    }
+    __shared__ float part[NORM_THREADS / 32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float tot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NORM_THREADS / 32; ++i) tot += part[i];
+    const float inv = rsqrtf(tot / (float)dim + eps);
+    const __half* src = rr ? hr : xr;
+    __half* o = out + row * dim;
+    for (int i = threadIdx.x; i < dim; i += NORM_THREADS) o[i] = __float2half_rn(__half2float(src[i]) * inv * w[i]);
+}
+
+// rotate-half RoPE of element i of a head: f16(f16(x[i] * cos[i]) + x[(i + D/2) % D] * sin[i]).
+__device__ __forceinline__ __half rope_at(const __half* head, const __half* cs, const __half* sn, int i, int D) {
+    const int j = i < D / 2 ? i + D / 2 : i - D / 2;
+    const float xc = __half2float(__float2half_rn(__half2float(head[i]) * __half2float(cs[i])));
+    return __float2half_rn(xc + __half2float(head[j]) * __half2float(sn[i]));
+}
+
+// Grid (B * T, H + 2 * Hkv): one block per token and head; y < H: a query head (in place),
+// H <= y < H + Hkv: a key head (roped into the cache), else a value head (copied into the cache).
+// q [B*T, H*D], k and v [B*T, Hkv*D]; cos/sin [T, D]; caches [B, Hkv, max_len, D].
+__global__ void rope_cache_kernel(__half* q, const __half* __restrict__ k, const __half* __restrict__ v,
+                                  const __half* __restrict__ cos_t, const __half* __restrict__ sin_t,
+                                  __half* __restrict__ k_cache, __half* __restrict__ v_cache,
+                                  const int64_t* __restrict__ pos, int64_t start, int T, int H, int Hkv, int D,
+                                  int64_t max_len) {
+    const int bt = blockIdx.x, t = bt % T, b = bt / T, y = blockIdx.y;
+    const __half* cs = cos_t + (int64_t)t * D;
+    const __half* sn = sin_t + (int64_t)t * D;
+    if (y < H) {
+        __half* head = q + ((int64_t)bt * H + y) * D;
+        // Every element reads its rotation partner: read all, sync, then write.
+        __half vals[4];
+        int n = 0;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) vals[n++] = rope_at(head, cs, sn, i, D);
+        __syncthreads();
+        n = 0;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) head[i] = vals[n++];
+        return;
+    }
+    const bool is_k = y < H + Hkv;
+    const int h = is_k ? y - H : y - H - Hkv;
+    const int64_t p = pos ? pos[t] : start + t;
+    const int64_t dst = (((int64_t)b * Hkv + h) * max_len + p) * D;
+    const __half* src = (is_k ? k : v) + ((int64_t)bt * Hkv + h) * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x)
+        (is_k ? k_cache : v_cache)[dst + i] = is_k ? rope_at(src, cs, sn, i, D) : src[i];
+}
+
+__global__ void silu_mul_kernel(const __half2* __restrict__ g, const __half2* __restrict__ u,
+                                __half2* __restrict__ out, int64_t n2) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n2; i += (int64_t)gridDim.x * blockDim.x) {
+        const float2 gf = __half22float2(g[i]), uf = __half22float2(u[i]);
+        // torch: silu in f32 rounded to f16, then an f16 multiply (computed in f32, rounded)
+        const float s0 = __half2float(__float2half_rn(gf.x / (1.0f + expf(-gf.x))));
+        const float s1 = __half2float(__float2half_rn(gf.y / (1.0f + expf(-gf.y))));
+        out[i] = __floats2half2_rn(s0 * uf.x, s1 * uf.y);
+    }
+}
+
+}  // namespace
+
+void rms_norm(const void* x, const void* residual, const float* w, void* out, void* h_out, int64_t rows,
+              int64_t dim, float eps, uintptr_t stream) {
+    if (rows <= 0) return;
+    rms_norm_kernel<<<(unsigned)rows, NORM_THREADS, 0, as_stream(stream)>>>(
+        static_cast<const __half*>(x), static_cast<const __half*>(residual), w, static_cast<__half*>(out),
+        static_cast<__half*>(h_out), (int)dim, eps);
+    check_launch("rms_norm");
+}
+
+void rope_cache(void* q, const void* k, const void* v, const void* cos_t, const void* sin_t, void* k_cache,
+                void* v_cache, const int64_t* pos, int64_t start, int64_t B, int64_t T, int64_t H, int64_t Hkv,
+                int64_t D, int64_t max_len, uintptr_t stream) {
+    if (B * T <= 0) return;
+    const int threads = (int)std::min<int64_t>(128, cdiv(D, 32) * 32);  // D <= 4 * threads (checked by the caller)
+    rope_cache_kernel<<<dim3((unsigned)(B * T), (unsigned)(H + 2 * Hkv)), threads, 0, as_stream(stream)>>>(
+        static_cast<__half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v),
+        static_cast<const __half*>(cos_t), static_cast<const __half*>(sin_t), static_cast<__half*>(k_cache),
+        static_cast<__half*>(v_cache), pos, start, (int)T, (int)H, (int)Hkv, (int)D, max_len);
+    check_launch("rope_cache");
+}
+
+void silu_mul(const void* g, const void* u, void* out, int64_t n, uintptr_t stream) {
+    if (n <= 0) return;
+    const int64_t n2 = n / 2;  // n even (checked by the caller)
+    silu_mul_kernel<<<grid_for(n2, 256, 4096), 256, 0, as_stream(stream)>>>(
+        static_cast<const __half2*>(g), static_cast<const __half2*>(u), static_cast<__half2*>(out), n2);
+    check_launch("silu_mul");
+}
+
+}  // namespace exl2cuda

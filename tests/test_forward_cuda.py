@@ -1,0 +1,116 @@
+"""The forward pass on CUDA: the fused f16 operations (native/cuda/forward.cu) against their
+torch forms (kernels_ref), and a tiny model run with and without them.
+
+Error bounds: rope_cache and silu_mul are bit-exact (they round where torch rounds); rms_norm
+sums in another order, so within one f16 rounding (rtol 1e-3) of torch, its residual sum exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exl2build import kernels, kernels_ref
+from exl2build.model import forward
+from exl2build.model.generate import generate
+from exl2build.model.load import load_model
+from conftest import make_tiny_llama
+
+try:
+    from exl2build import _native
+except ImportError:  # pragma: no cover
+    _native = None
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(_native is None or not getattr(_native, "built_with_cuda", False),
+                       reason="exl2build._native was built without CUDA"),
+]
+DEV = "cuda"
+
+
+def rand(*shape, seed=0, scale=1.0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return (torch.randn(*shape, generator=g, device=DEV) * scale).half()
+
+
+@pytest.mark.parametrize("shape", [(1, 4096), (3, 5, 576), (2, 100), (1, 1, 11008)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_torch(shape, with_residual):
+    x = rand(*shape, seed=1, scale=3.0)
+    r = rand(*shape, seed=2) if with_residual else None
+    w = (1 + 0.1 * torch.randn(shape[-1], device=DEV)).float()
+    out, h = kernels.rms_norm(x, w, 1e-5, r)
+    ref_out, ref_h = kernels_ref.rms_norm(x, w, 1e-5, r)
+    assert torch.equal(h, ref_h)
+    torch.testing.assert_close(out, ref_out, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("B,T,H,Hkv,D", [(1, 1, 32, 32, 128), (2, 3, 8, 2, 64), (1, 7, 9, 3, 64), (1, 2, 4, 4, 256)])
+@pytest.mark.parametrize("static", [False, True])
+def test_rope_cache_bit_exact(B, T, H, Hkv, D, static):
+    max_len = 16
+    q, k, v = rand(B, T, H * D, seed=3), rand(B, T, Hkv * D, seed=4), rand(B, T, Hkv * D, seed=5)
+    ang = torch.rand(T, D // 2, device=DEV) * 6.28
+    cos = torch.cat((ang, ang), -1).cos().half()
+    sin = torch.cat((-ang, ang), -1).sin().half()
+    caches = [rand(B, Hkv, max_len, D, seed=6 + i) for i in range(2)]  # untouched slots must survive
+    pos = torch.tensor([9, 2, 5, 14, 0, 11, 7][:T], device=DEV) if static else 4
+    q1, kc1, vc1 = q.clone(), caches[0].clone(), caches[1].clone()
+    kernels.rope_cache(q1, k, v, cos, sin, kc1, vc1, pos)
+    q2, kc2, vc2 = q.clone(), caches[0].clone(), caches[1].clone()
+    kernels_ref.rope_cache(q2, k, v, cos, sin, kc2, vc2, pos)
+    assert torch.equal(q1, q2) and torch.equal(kc1, kc2) and torch.equal(vc1, vc2)
+
+
+@pytest.mark.parametrize("n", [2, 11008, 3 * 1536 * 7])
+def test_silu_mul_bit_exact(n):
+    g, u = rand(n, seed=7, scale=4.0), rand(n, seed=8)
+    assert torch.equal(kernels.silu_mul(g, u), kernels_ref.silu_mul(g, u))
+
+
+def test_forward_ops_reject_what_they_cannot_run():
+    with pytest.raises(ValueError, match="CUDA only"):
+        kernels.silu_mul(torch.zeros(4, dtype=torch.float16), torch.zeros(4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="float16"):
+        kernels.rms_norm(torch.zeros(2, 8, device=DEV), torch.ones(8, device=DEV), 1e-5)
+    q = torch.zeros(1, 1, 64, dtype=torch.float16, device=DEV)
+    kc = torch.zeros(1, 1, 4, 64, dtype=torch.float16, device=DEV)
+    cs = torch.zeros(1, 64, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="do not fit a cache of 4"):
+        kernels.rope_cache(q, q, q, cs, cs, kc, kc.clone(), 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    root = make_tiny_llama(tmp_path_factory.mktemp("m") / "tiny", layers=3, hidden=256, intermediate=512, heads=4,
+                           kv_heads=2, vocab=512, tokenizer=False)
+    model, _ = load_model(root, device=DEV)
+    return model
+
+
+def test_model_fused_and_torch_forms_agree(tiny_model, monkeypatch):
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    for cache_len in (None, 64):  # no cache (evaluation), and a KV cache: prompt, then a 3-token chunk
+        outs = []
+        for fused in (True, False):
+            monkeypatch.setattr(forward, "FUSED", fused)
+            if cache_len is None:
+                outs.append(tiny_model(ids).float())
+            else:
+                cache = tiny_model.new_cache(2, cache_len)
+                a = tiny_model(ids[:, :37], cache)
+                outs.append(torch.cat((a, tiny_model(ids[:, 37:], cache)), 1).float())
+        torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(forward, "FUSED", True)
+    full = tiny_model(ids).float()
+    torch.testing.assert_close(outs[0], full, rtol=2e-2, atol=2e-2)  # cached chunks = one pass
+
+
+def test_graph_decode_matches_eager(tiny_model):
+    prompt = list(range(1, 17))
+    a = generate(tiny_model, None, prompt, 24, stop_at_eos=False, cuda_graph=True)
+    b = generate(tiny_model, None, prompt, 24, stop_at_eos=False, cuda_graph=False)
+    assert a.cuda_graph and not b.cuda_graph
+    assert a.new_ids == b.new_ids
