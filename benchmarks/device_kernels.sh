@@ -48,9 +48,11 @@ echo "bench rc=$?"; grep -v "^|" "$OUT/bench.log" | head -80
 echo "== decode operators $(date -u +%T)"
 # SmolLM2 shapes in FP16 (the launch count), then EXL2 decoders: SmolLM2 and Llama-2-7B shapes at 4.0 bpw.
 : > "$OUT/decode_ops.log"
-for preset in "smollm2" "smollm2 --exl2 4.0" "llama2-7b --exl2 4.0"; do
+# The 7B case also without programmatic dependent launch (EXL2BUILD_NO_PDL=1), for the A/B.
+for preset in "smollm2" "smollm2 --exl2 4.0" "llama2-7b --exl2 4.0" "NO_PDL llama2-7b --exl2 4.0"; do
   echo "-- decode_ops --preset $preset" | tee -a "$OUT/decode_ops.log"
-  timeout 180 $PY "$REPO/benchmarks/decode_ops.py" --device cuda --preset $preset >> "$OUT/decode_ops.log" 2>&1
+  env=""; case $preset in NO_PDL*) env="EXL2BUILD_NO_PDL=1"; preset=${preset#NO_PDL }; esac
+  env $env timeout 180 $PY "$REPO/benchmarks/decode_ops.py" --device cuda --preset $preset >> "$OUT/decode_ops.log" 2>&1
   echo "decode_ops rc=$?"
 done
 grep -vE "^(STAGE|USDT)|profiler_st" "$OUT/decode_ops.log"

@@ -311,6 +311,33 @@ def _unit_tables(qt, ident: tuple):
     return tables
 
 
+def _check_matmul_input(x: torch.Tensor, qt) -> torch.device:
+    dev = _check_qtensor(qt)
+    _check("x", x, (torch.float16, torch.float32), dims=2, device=dev)
+    if x.shape[1] != qt.K:
+        raise ValueError(f"x: {x.shape[1]} input channels, the quantized linear has K={qt.K}")
+    return dev
+
+
+def _gemv_applies(x: torch.Tensor, N: int) -> bool:
+    """Whether the decode-sized kernel serves x [M, K] (N output columns in all): M = 1, and up to
+    M = 8 on products larger than 4096x4096 (on 4096x4096 the tensor-core kernel was 10-15 %
+    faster at M = 8; H200, benchmarks/RESULTS.md). It declines older GPUs itself."""
+    M, K = x.shape
+    return (x.is_cuda and x.dtype == torch.float16 and 0 < M <= GEMV_MAX_ROWS
+            and (M == 1 or K * N > GEMV_SMALL_LINEAR))
+
+
+def _gemv_desc(qt, y: torch.Tensor) -> list[int] | None:
+    """The 9 ints exl2_matmul_gemv(_group) takes per linear, or None without unit tables."""
+    tables = _unit_tables(qt, qt._validated)  # _check_qtensor has just computed the identity
+    if tables is None:
+        return None
+    meta, uperm, max_bits = tables
+    return [qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), qt.N,
+            qt.q_weight.shape[1], meta.shape[0], max_bits]
+
+
 def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W (x in original channel order; no bias). Same dtype as x.
 
@@ -319,27 +346,17 @@ def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
     which needs `unit_tables(qt)`: built on the first call, so run one call before capturing a
     CUDA graph (as for the validation of qt).
     """
-    dev = _check_qtensor(qt)
-    _check("x", x, (torch.float16, torch.float32), dims=2, device=dev)
+    dev = _check_matmul_input(x, qt)
     M, K = x.shape
-    if K != qt.K:
-        raise ValueError(f"x: {K} input channels, the quantized linear has K={qt.K}")
     if M > FUSED_MATMUL_MAX_ROWS:
         # CUDA multiplies in x's dtype; the CPU always in f32 (torch's fp16 CPU matmul is slow).
         w = dequant(qt, x.dtype if dev.type == "cuda" else torch.float32)
         return torch.matmul(x.to(w.dtype), w).to(x.dtype)
     y = torch.empty(M, qt.N, dtype=x.dtype, device=dev)
-    # The decode-sized kernel at M = 1, and up to M = 8 on larger linears: on 4096x4096 the tensor-core
-    # kernel was 10-15 % faster at M = 8 (H200, benchmarks/RESULTS.md).
-    if (dev.type == "cuda" and x.dtype == torch.float16 and 0 < M <= GEMV_MAX_ROWS
-            and (M == 1 or K * qt.N > GEMV_SMALL_LINEAR)):
-        tables = _unit_tables(qt, qt._validated)  # _check_qtensor has just computed the identity
-        if tables is not None:
-            meta, uperm, max_bits = tables
-            if _call("exl2_matmul_gemv", dev, x.data_ptr(), qt.q_weight.data_ptr(), qt.q_scale.data_ptr(),
-                     meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), M, K, qt.N, qt.q_weight.shape[1],
-                     meta.shape[0], max_bits, 0, 0):
-                return y
+    if _gemv_applies(x, qt.N):
+        d = _gemv_desc(qt, y)
+        if d is not None and _call("exl2_matmul_gemv", dev, x.data_ptr(), *d[:5], M, K, *d[5:], 0, 0):
+            return y
     args = [x.data_ptr(), qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),
             qt.q_groups.data_ptr(), qt.perm.data_ptr(), y.data_ptr(), M, K, qt.N, qt.q_weight.shape[1],
             qt.q_scale_max.shape[0]]
@@ -347,6 +364,26 @@ def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
     if M > 0:
         _call("exl2_matmul", dev, *args)
     return y
+
+
+def exl2_matmul_group(x: torch.Tensor, qts) -> list[torch.Tensor]:
+    """[x @ W for W in qts]: the products of up to 3 quantized linears reading the same x (q, k and
+    v; gate and up), in one launch of the decode-sized kernel where it applies (one launch
+    instead of three hides one kernel's start-up and tail), else one exl2_matmul per linear."""
+    qts = list(qts)
+    if not 1 <= len(qts) <= 3:
+        raise ValueError(f"exl2_matmul_group: 1 to 3 linears, got {len(qts)}")
+    dev = None
+    for qt in qts:
+        dev = _check_matmul_input(x, qt)
+    M, K = x.shape
+    if _gemv_applies(x, sum(qt.N for qt in qts)):
+        ys = [torch.empty(M, qt.N, dtype=x.dtype, device=dev) for qt in qts]
+        descs = [_gemv_desc(qt, y) for qt, y in zip(qts, ys)]
+        if all(d is not None for d in descs) and _call("exl2_matmul_gemv_group", dev, x.data_ptr(),
+                                                       [v for d in descs for v in d], M, K, 0, 0):
+            return ys
+    return [exl2_matmul(x, qt) for qt in qts]
 
 
 # ----------------------------------------------------------------------------- logits

@@ -114,3 +114,27 @@ def test_graph_decode_matches_eager(tiny_model):
     b = generate(tiny_model, None, prompt, 24, stop_at_eos=False, cuda_graph=False)
     assert a.cuda_graph and not b.cuda_graph
     assert a.new_ids == b.new_ids
+
+
+def test_exl2_model_token_by_token_matches_one_pass(tmp_path):
+    """EXL2 linears: decoding one token at a time (q/k/v and gate/up in grouped launches of the
+    decode-sized kernel) gives the logits of one pass over the whole prompt (other kernels)."""
+    from test_kernels_cuda import random_qtensor
+
+    from exl2build.model.linear import EXL2Linear
+
+    root = make_tiny_llama(tmp_path / "tiny", layers=2, hidden=256, intermediate=512, heads=4, kv_heads=2,
+                           vocab=512, tokenizer=False)
+    model, _ = load_model(root, device=DEV)
+    seed = 0
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, m in list(parent.named_children()):
+                seed += 1
+                layout = [(4, 128), (3, 64), (6, m.K - 192)] if m.K == 256 else [(4, 256), (5, 128), (2, m.K - 384)]
+                parent.add_module(name, EXL2Linear(random_qtensor(m.K, m.N, layout, seed).to(DEV)))
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(1))
+    whole = model(ids).float()
+    cache = model.new_cache(1, 16)
+    steps = torch.cat([model(ids[:, t : t + 1], cache) for t in range(12)], 1).float()
+    torch.testing.assert_close(steps, whole, rtol=2e-2, atol=2e-2)

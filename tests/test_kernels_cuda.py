@@ -423,6 +423,60 @@ def test_exl2_matmul_gemv_declines_what_it_cannot_run():
     assert not _gemv_native(xh, qd, 9)[0]  # M > 8
 
 
+# Three linears with the same K and different N, bit widths and group structure (q, k, v-like).
+GROUP_K = 320
+GROUP_LAYOUTS = [
+    (200, [(8, 64), (6, 64), (5, 64), (4, 64), (3, 64)]),
+    (64, [(4, 128), (2, 192)]),
+    (96, [(3, 32), (6, 96), (2, 128), (5, 64)]),
+]
+
+
+def _group_native(xh, qds, M, ks=0):
+    ys = [poisoned((M, qd.N), torch.float16, float("nan")) for qd in qds]
+    desc = []
+    for qd, y in zip(qds, ys):
+        meta, uperm, max_bits = kernels.unit_tables(qd)
+        desc += [qd.q_weight.data_ptr(), qd.q_scale.data_ptr(), meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), qd.N,
+                 qd.n_pad, meta.shape[0], max_bits]
+    done = _native.cuda.exl2_matmul_gemv_group(xh.data_ptr(), desc, M, xh.shape[1], 4, ks, stream())
+    torch.cuda.synchronize()
+    return done, ys
+
+
+@needs_sm90
+@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("ks", [0, 1, 4, 16])
+def test_exl2_matmul_gemv_group_matches_reference(count, M, ks):
+    """One launch over up to three linears of different shapes and layouts: each output as its own
+    product, deterministically."""
+    qts = [random_qtensor(GROUP_K, N, layout, seed=40 + i) for i, (N, layout) in enumerate(GROUP_LAYOUTS[:count])]
+    qds = [qt.to(DEV) for qt in qts]
+    xh = torch.randn(M, GROUP_K, generator=gen(M + 50)).half().to(DEV)
+    done, ys = _group_native(xh, qds, M, ks)
+    assert done
+    for qt, y in zip(qts, ys):
+        _check_matmul(y, xh, kernels_ref.dequant(qt, torch.float32), True)
+    again = _group_native(xh, qds, M, ks)[1]
+    assert all(torch.equal(a, b) for a, b in zip(ys, again)), "not deterministic"
+
+
+def test_exl2_matmul_group_dispatch():
+    """kernels.exl2_matmul_group: the grouped launch at M = 1 (sm_90) or one product per linear
+    (M = 20, older GPUs), the same figures either way; bad inputs raise before any launch."""
+    qts = [random_qtensor(GROUP_K, N, layout, seed=60 + i) for i, (N, layout) in enumerate(GROUP_LAYOUTS)]
+    qds = [qt.to(DEV) for qt in qts]
+    for M in (1, 20):
+        xh = torch.randn(M, GROUP_K, generator=gen(M)).half().to(DEV)
+        for qt, y in zip(qts, kernels.exl2_matmul_group(xh, qds)):
+            _check_matmul(y, xh, kernels_ref.dequant(qt, torch.float32), True)
+    with pytest.raises(ValueError, match="1 to 3 linears"):
+        kernels.exl2_matmul_group(xh, qds + qds[:1])
+    with pytest.raises(ValueError, match="input channels"):
+        kernels.exl2_matmul_group(xh[:, :-1].contiguous(), qds)
+
+
 def _shifted_q_weight(qd, words: int):
     """qd with q_weight moved to a view `words` int32 into a fresh buffer (an odd alignment)."""
     buf = torch.empty(qd.q_weight.numel() + words, dtype=torch.int32, device=DEV)

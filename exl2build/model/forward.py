@@ -15,7 +15,7 @@ from torch import nn
 from exl2build import kernels, kernels_ref
 from exl2build.errors import InputError
 from exl2build.model.config import ModelConfig
-from exl2build.model.linear import Linear
+from exl2build.model.linear import Linear, project
 
 
 def compute_dtype_for(device: torch.device | str) -> torch.dtype:
@@ -241,7 +241,7 @@ class Attention(nn.Module):
         layers (Model.hidden); otherwise looked up here."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
         # Static mode (CUDA-graph decode): positions on the device, no host syncs, fixed shapes.
         static = cache is not None and cache.pos_t is not None
         if rope is not None:
@@ -293,7 +293,7 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(*project(x, (self.gate_proj, self.up_proj))))
 
 
 class DecoderLayer(nn.Module):

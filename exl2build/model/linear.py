@@ -99,9 +99,10 @@ class EXL2Linear(Linear):
             y = x2 @ self._dequantized(x2.dtype)
         else:
             y = kernels.exl2_matmul(x2.contiguous(), self.qtensor)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        return self._add_bias(y)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse=True):
         # QTensor is not an nn.Module; move it by probing where `fn` sends a tensor.
@@ -111,6 +112,24 @@ class EXL2Linear(Linear):
             self.bias = self.qtensor.bias
             self._deq = None
         return super()._apply(fn, recurse)
+
+
+def project(x: torch.Tensor, linears) -> list[torch.Tensor]:
+    """[lin(x) for lin in linears] for linears that read the same x (q, k, v; gate, up).
+
+    Decode-sized inputs (a few tokens on CUDA) of EXL2 linears go through one grouped kernel
+    launch (kernels.exl2_matmul_group); everything else is the linears' own forward.
+    """
+    from exl2build import kernels
+
+    linears = list(linears)
+    K = linears[0].K
+    if (x.is_cuda and x.numel() <= kernels.GEMV_MAX_ROWS * K
+            and all(type(m) is EXL2Linear and m.observe is None and m.K == K for m in linears)):
+        lead = x.shape[:-1]
+        ys = kernels.exl2_matmul_group(x.reshape(-1, K).contiguous(), [m.qtensor for m in linears])
+        return [m._add_bias(y).reshape(*lead, m.N) for m, y in zip(linears, ys)]
+    return [m(x) for m in linears]
 
 
 def dequant_cache(model: nn.Module, enabled: bool) -> int:

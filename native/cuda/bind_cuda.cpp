@@ -5,6 +5,10 @@
 // are enqueued asynchronously on the stream; the GIL is released meanwhile. A failing CUDA
 // call raises RuntimeError("<kernel>: <CUDA error>"). Nothing here touches CUDA at import.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <vector>
 
 #include <cstdint>
 
@@ -91,6 +95,21 @@ void register_cuda(py::module_& m) {
                                           exl2cuda::device_cc_major(), exl2cuda::device_smem_optin(), warps,
                                           k_splits);
     }, nogil);
+    // Several linears reading the same x in one launch (q, k, v; gate, up): `desc` holds 9 ints per
+    // linear (q_weight, q_scale, unit_meta, unit_perm, y, N, n_pad, U, max_bits); false: not launched.
+    m.def("exl2_matmul_gemv_group", [](P x, std::vector<int64_t> desc, int64_t M, int64_t K, int warps,
+                                       int k_splits, P stream) {
+        if (desc.size() % 9 || desc.size() > 27) throw std::invalid_argument("exl2_matmul_gemv_group: 9 ints per linear, 1-3 linears");
+        std::vector<exl2cuda::GemvLinearDesc> lins;
+        for (size_t i = 0; i < desc.size(); i += 9)
+            lins.push_back({ptr<const int32_t>((P)desc[i]), ptr<const int32_t>((P)desc[i + 1]),
+                            ptr<const int32_t>((P)desc[i + 2]), ptr<const int32_t>((P)desc[i + 3]),
+                            ptr<void>((P)desc[i + 4]), desc[i + 5], desc[i + 6], desc[i + 7], (int)desc[i + 8]});
+        py::gil_scoped_release release;
+        return exl2cuda::exl2_matmul_gemv_group(ptr<const void>(x), lins.data(), (int)lins.size(), M, K, stream,
+                                                exl2cuda::device_sm_count(), exl2cuda::device_cc_major(),
+                                                exl2cuda::device_smem_optin(), warps, k_splits);
+    });
     m.def("logit_stats", [](P logits, bool is_f16, int64_t T, int64_t V, P targets, P ref_idx, P ref_logp, int64_t k,
                             P nll, P argmax, P kld, P stream) {
         exl2cuda::logit_stats(ptr<const void>(logits), is_f16, T, V, ptr<const int64_t>(targets),

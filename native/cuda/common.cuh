@@ -154,25 +154,48 @@ __device__ __forceinline__ void cluster_reduce(float* part, int count, int ks, i
 
 // Launch kern<<<grid, threads, smem, st>>>(args...) with the blocks along y grouped into
 // thread-block clusters of ks (the K split that cluster_reduce sums; no cluster when ks == 1).
+// early: a programmatic dependent launch (sm_90) — the kernel may start while the previous one in
+// the stream still runs, so it must call grid_dependency_wait() before it reads anything that
+// kernel writes, and before it writes anything.
 template <class... Params, class... Args>
 void launch_k_split(void (*kern)(Params...), dim3 grid, int threads, size_t smem, cudaStream_t st, int ks,
-                    const char* what, Args... args) {
+                    const char* what, bool early, Args... args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(threads, 1, 1);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
-    cudaLaunchAttribute attr[1];
+    cudaLaunchAttribute attr[2];
+    int n = 0;
     if (ks > 1) {
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = 1;
-        attr[0].val.clusterDim.y = ks;
-        attr[0].val.clusterDim.z = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
+        attr[n].id = cudaLaunchAttributeClusterDimension;
+        attr[n].val.clusterDim.x = 1;
+        attr[n].val.clusterDim.y = ks;
+        attr[n].val.clusterDim.z = 1;
+        ++n;
     }
+    if (early) {
+        attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[n].val.programmaticStreamSerializationAllowed = 1;
+        ++n;
+    }
+    cfg.attrs = n ? attr : nullptr;
+    cfg.numAttrs = n;
     check(cudaLaunchKernelEx(&cfg, kern, args...), what);
     check_launch(what);
+}
+
+// Programmatic dependent launch (sm_90; no-ops elsewhere): let the next kernel in the stream start
+// its prologue now, and wait until the previous kernel has finished and its writes are visible.
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 }
 
 }  // namespace exl2cuda

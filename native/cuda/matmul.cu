@@ -460,7 +460,7 @@ void launch_matmul(const void* x, const int32_t* q_weight, const int32_t* q_scal
     if (smem > 48 * 1024)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
     const int ntiles = (n_pad + 32 * CPT - 1) / (32 * CPT);
-    launch_k_split(kern, dim3(ntiles, ks, mtiles), 256, smem, st, ks, "exl2_matmul", x,
+    launch_k_split(kern, dim3(ntiles, ks, mtiles), 256, smem, st, ks, "exl2_matmul", false, x,
                    reinterpret_cast<const uint32_t*>(q_weight), q_scale, reinterpret_cast<const __half*>(q_scale_max),
                    q_groups, q_perm, y, M, K, N, n_pad, G, ks, flags);
 }

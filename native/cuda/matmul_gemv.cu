@@ -13,11 +13,16 @@
 //  * Many small blocks: K is split over a thread-block cluster (a power of two, up to 16 blocks) and
 //    the partial sums are reduced through distributed shared memory in a fixed order, so the
 //    result does not depend on timing (no atomics).
+//  * Programmatic dependent launch: the kernel lets the next one start at once and issues its
+//    first weight copies before waiting for the previous kernel, so in a chain of linears (q, k,
+//    v; gate, up) each one's first round trips overlap the previous one's tail.
 //  * Decoding and the mma are those of tc_decode.cuh (f32 accumulation, per-group fp16 scales),
 //    except that codes enter the mma as 1024 + q without the subtraction; the block computes
 //    (1024 + 2^(b-1)) * sum(x) per unit once and each group's sums drop it before scaling.
 
 #include <algorithm>
+#include <climits>
+#include <cstdlib>
 
 #include "common.cuh"
 #include "matmul_gemv.cuh"
@@ -195,38 +200,62 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
     return u;
 }
 
-struct GemvArgs {
-    const __half* x;
+// One launch serves up to GV_MAX_LINEARS linears that read the same x (q, k and v; gate and up):
+// the column tiles of linear l are blocks tile_end[l - 1] .. tile_end[l] - 1 along x, so each
+// block belongs to one linear and the blocks of a cluster (along y) to the same one.
+constexpr int GV_MAX_LINEARS = 3;
+
+struct GemvLinear {
     const int32_t* qw;
     const int32_t* qs;
     const int4* umeta;
     const int32_t* uperm;
     __half* y;
-    int M, K, N, n_pad, U, ks, nu_max, stage_words;
+    int N, n_pad, U, nu_max, stage_words;
 };
+
+struct GemvArgs {
+    const __half* x;
+    GemvLinear lin[GV_MAX_LINEARS];
+    int tile_end[GV_MAX_LINEARS];  // in blocks along x, cumulative
+    int M, K, ks;
+};
+
+// Field f of linear l without indexing the parameter struct dynamically (that would copy it to
+// local memory).
+#define GV_PICK(l, f) ((l) == 0 ? a.lin[0].f : (l) == 1 ? a.lin[1].f : a.lin[2].f)
 
 template <int W>
 __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArgs a) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
+    const int l = (int)blockIdx.x < a.tile_end[0] ? 0 : (int)blockIdx.x < a.tile_end[1] ? 1 : 2;
+    const int bx = (int)blockIdx.x - (l == 0 ? 0 : l == 1 ? a.tile_end[0] : a.tile_end[1]);
+    const int32_t* qw = GV_PICK(l, qw);
+    const int32_t* qs = GV_PICK(l, qs);
+    const int4* umeta = GV_PICK(l, umeta);
+    const int32_t* uperm = GV_PICK(l, uperm);
+    __half* y = GV_PICK(l, y);
+    const int N = GV_PICK(l, N), n_pad = GV_PICK(l, n_pad), U = GV_PICK(l, U), nu_max = GV_PICK(l, nu_max);
+    const int stage_words = GV_PICK(l, stage_words);
     const int rank = blockIdx.y;
-    const int ub = (int)((int64_t)a.U * rank / a.ks), ue = (int)((int64_t)a.U * (rank + 1) / a.ks);
+    const int ub = (int)((int64_t)U * rank / a.ks), ue = (int)((int64_t)U * (rank + 1) / a.ks);
     const int nu = ue - ub;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
-    const int col_base = (blockIdx.x * W + warp) * GV_COLS;
-    const bool active = col_base < a.n_pad;  // idle warps still stage x and join the barriers
-    const int sc_off = a.stage_words - 8;
+    const int col_base = (bx * W + warp) * GV_COLS;
+    const bool active = col_base < n_pad;  // idle warps still stage x and join the barriers
+    const int sc_off = stage_words - 8;
 
     // Shared memory (same offsets in every block of a cluster): stages, x, unit_meta, partial sums.
-    uint32_t* stages = reinterpret_cast<uint32_t*>(smem_raw) + (size_t)warp * GV_STAGES * a.stage_words;
+    uint32_t* stages = reinterpret_cast<uint32_t*>(smem_raw) + (size_t)warp * GV_STAGES * stage_words;
     const unsigned stages_s = (unsigned)__cvta_generic_to_shared(stages);
-    __half* xs = reinterpret_cast<__half*>(smem_raw + (size_t)W * GV_STAGES * a.stage_words * 4);
-    int4* ums = reinterpret_cast<int4*>(xs + (size_t)a.nu_max * a.M * 32);
-    float* cus = reinterpret_cast<float*>(ums + a.nu_max);  // [unit][8]: (1024 + 2^(b-1)) * sum of x
+    __half* xs = reinterpret_cast<__half*>(smem_raw + (size_t)W * GV_STAGES * stage_words * 4);
+    int4* ums = reinterpret_cast<int4*>(xs + (size_t)nu_max * a.M * 32);
+    float* cus = reinterpret_cast<float*>(ums + nu_max);  // [unit][8]: (1024 + 2^(b-1)) * sum of x
 
     // 1. The first K-slot channels of x, then (one round trip for unit_meta) this warp's first units.
     constexpr int CH = 8;
     const int nthr = W * 32, total = nu * 32;
-    const int32_t* up = a.uperm + (int64_t)ub * 32;
+    const int32_t* up = uperm + (int64_t)ub * 32;
     int src[CH];
     auto load_src = [&](int base) {
 #pragma unroll
@@ -247,9 +276,12 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
             }
         }
     };
+    // Programmatic dependent launch: the weights and tables are constants, so their first loads go
+    // out while the previous kernel still runs; x (its output, perhaps) is read after the wait.
+    grid_dependents_launch();
     load_src(0);
-    const int4 um_lane = lane < nu ? __ldg(a.umeta + ub + lane) : make_int4(0, 0, 0, 0);
-    const LaneCopy lc = lane_copy(a.qw, a.qs, a.n_pad, col_base, lane);
+    const int4 um_lane = lane < nu ? __ldg(umeta + ub + lane) : make_int4(0, 0, 0, 0);
+    const LaneCopy lc = lane_copy(qw, qs, n_pad, col_base, lane);
     for (int s = 0; s < GV_STAGES - 1; ++s) {
         int4 um;
         um.x = __shfl_sync(0xffffffffu, um_lane.x, s);
@@ -257,15 +289,16 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
         um.z = __shfl_sync(0xffffffffu, um_lane.z, s);
         um.w = __shfl_sync(0xffffffffu, um_lane.w, s);
         if (active && s < nu)
-            issue_unit(stages_s + 4u * (unsigned)(s * a.stage_words), um, lc, 4u * sc_off, um_last(um) || s + 1 == nu);
+            issue_unit(stages_s + 4u * (unsigned)(s * stage_words), um, lc, 4u * sc_off, um_last(um) || s + 1 == nu);
         cp_async_commit();
     }
+    grid_dependency_wait();
     store_x(0);
     for (int base = CH * nthr; base < total; base += CH * nthr) {
         load_src(base);
         store_x(base);
     }
-    for (int i = threadIdx.x; i < nu; i += nthr) ums[i] = __ldg(a.umeta + ub + i);
+    for (int i = threadIdx.x; i < nu; i += nthr) ums[i] = __ldg(umeta + ub + i);
     __syncthreads();
     // The codes enter the mma as 1024 + q (one LOP3 per two weights, no subtraction), so each
     // group's sums carry (1024 + 2^(b-1)) * sum(x) too; per unit and token, in f32, in a fixed order.
@@ -294,7 +327,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
         for (int e = 0; e < 4; ++e) acc[i][0][e] = tmp[i][0][e] = 0.0f;
     if (active) {
         const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
-        Ring ring{stages, stages_s, a.stage_words, sc_off, 0, GV_STAGES - 1};
+        Ring ring{stages, stages_s, stage_words, sc_off, 0, GV_STAGES - 1};
         const float2* cus2 = reinterpret_cast<const float2*>(cus);
         float2 cg = make_float2(0.0f, 0.0f);
         int u = 0;
@@ -324,12 +357,12 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int m = 2 * t + (e & 1), n = col_base + col_of(i, e);
-                if (m < a.M && n < a.N) a.y[(int64_t)m * a.N + n] = __float2half_rn(acc[i][0][e]);
+                if (m < a.M && n < N) y[(int64_t)m * N + n] = __float2half_rn(acc[i][0][e]);
             }
         return;
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    float* part = cus + (size_t)a.nu_max * 8;  // [M][W * 64]
+    float* part = cus + (size_t)nu_max * 8;  // [M][W * 64]
     const int NO = a.M * W * GV_COLS;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -339,8 +372,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
             if (m < a.M) part[m * W * GV_COLS + warp * GV_COLS + col_of(i, e)] = acc[i][0][e];
         }
     cluster_reduce(part, NO, a.ks, nthr, [&](int i, float sum) {
-        const int m = i / (W * GV_COLS), n = blockIdx.x * W * GV_COLS + i % (W * GV_COLS);
-        if (n < a.N) a.y[(int64_t)m * a.N + n] = __float2half_rn(sum);
+        const int m = i / (W * GV_COLS), n = bx * W * GV_COLS + i % (W * GV_COLS);
+        if (n < N) y[(int64_t)m * N + n] = __float2half_rn(sum);
     });
 #endif
 }
@@ -351,24 +384,29 @@ void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
     if (smem > 48 * 1024)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
     if (a.ks > 8) check(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "exl2_matmul");
-    launch_k_split(kern, dim3(gx, (unsigned)a.ks, 1), W * 32, smem, st, a.ks, "exl2_matmul", a);
+    // Early launch unless EXL2BUILD_NO_PDL is set (for A/B timings, benchmarks/decode_ops.py).
+    static const bool early = std::getenv("EXL2BUILD_NO_PDL") == nullptr;
+    launch_k_split(kern, dim3(gx, (unsigned)a.ks, 1), W * 32, smem, st, a.ks, "exl2_matmul", early, a);
 }
 
 }  // namespace
 
-bool exl2_matmul_gemv(const void* x, const int32_t* q_weight, const int32_t* q_scale, const int32_t* unit_meta,
-                      const int32_t* unit_perm, void* y, int64_t M, int64_t K, int64_t N, int64_t n_pad, int64_t U,
-                      int max_bits, uintptr_t stream, int sms, int cc_major, int smem_optin, int warps,
-                      int k_splits) {
-    if (cc_major < 9 || M <= 0 || M > 8 || U <= 0 || max_bits < 2 || max_bits > 8) return false;
-    if (reinterpret_cast<uintptr_t>(q_weight) % 16 || reinterpret_cast<uintptr_t>(q_scale) % 16 ||
-        reinterpret_cast<uintptr_t>(unit_meta) % 16)
-        return false;
-    // 32-bit byte offsets inside q_weight and q_scale (LaneCopy): U units of at most 8 word rows.
-    if ((U * 8 + 8) * n_pad * 4 >= (1LL << 31)) return false;
+bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count, int64_t M, int64_t K,
+                            uintptr_t stream, int sms, int cc_major, int smem_optin, int warps, int k_splits) {
+    if (cc_major < 9 || M <= 0 || M > 8 || count < 1 || count > GV_MAX_LINEARS) return false;
+    int64_t tiles = 0, u_min = INT64_MAX;
+    for (int l = 0; l < count; ++l) {
+        const GemvLinearDesc& d = lins[l];
+        if (d.U <= 0 || d.max_bits < 2 || d.max_bits > 8) return false;
+        if (reinterpret_cast<uintptr_t>(d.q_weight) % 16 || reinterpret_cast<uintptr_t>(d.q_scale) % 16 ||
+            reinterpret_cast<uintptr_t>(d.unit_meta) % 16)
+            return false;
+        // 32-bit byte offsets inside q_weight and q_scale (LaneCopy): U units of at most 8 word rows.
+        if ((d.U * 8 + 8) * d.n_pad * 4 >= (1LL << 31)) return false;
+        tiles += cdiv(d.n_pad, GV_COLS);
+        u_min = std::min(u_min, d.U);
+    }
     const int W = warps == 2 ? 2 : 4;
-    const int64_t tiles = cdiv(n_pad, GV_COLS);
-    const int stage_words = max_bits * GV_ROW_WORDS + 8;
     // Enough warps to keep ~16 per SM streaming (one per 64 columns and K split), at least 4 units
     // per block.
     int ks;
@@ -376,40 +414,64 @@ bool exl2_matmul_gemv(const void* x, const int32_t* q_weight, const int32_t* q_s
         ks = std::min(k_splits, GV_MAX_KS);
     } else {
         ks = (int)std::max<int64_t>(1, std::min<int64_t>(GV_MAX_KS, (16LL * sms + tiles / 2) / tiles));
-        ks = (int)std::min<int64_t>(ks, std::max<int64_t>(1, U / 4));
+        ks = (int)std::min<int64_t>(ks, std::max<int64_t>(1, u_min / 4));
         // A power of two: clusters of 9 or 12 blocks ran 10-30 % slower than 8 or 16 on the H200
         // (benchmarks/RESULTS.md, the decode-sized kernel's sweep).
         while (ks & (ks - 1)) ks &= ks - 1;
     }
-    auto smem_for = [&](int k) {
-        const int64_t nu_max = cdiv(U, k);
+    // Shared memory of a block of linear l (stages, x, unit_meta, sum(x) terms, partial sums); the
+    // launch takes the largest.
+    auto smem_for = [&](int k, int l) {
+        const int64_t nu_max = cdiv(lins[l].U, k);
         const int64_t xs_bytes = cdiv(nu_max * M * 32 * 2, 16) * 16;
+        const int64_t stage_words = lins[l].max_bits * GV_ROW_WORDS + 8;
         return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + nu_max * (16 + 32) + M * W * GV_COLS * 4);
     };
-    while (smem_for(ks) > (size_t)smem_optin && ks < GV_MAX_KS) ++ks;
-    const size_t smem = smem_for(ks);
+    auto smem_max = [&](int k) {
+        size_t m = 0;
+        for (int l = 0; l < count; ++l) m = std::max(m, smem_for(k, l));
+        return m;
+    };
+    while (smem_max(ks) > (size_t)smem_optin && ks < GV_MAX_KS) ++ks;
+    const size_t smem = smem_max(ks);
     if (smem > (size_t)smem_optin) return false;
-    GemvArgs a;
+    GemvArgs a = {};
     a.x = reinterpret_cast<const __half*>(x);
-    a.qw = q_weight;
-    a.qs = q_scale;
-    a.umeta = reinterpret_cast<const int4*>(unit_meta);
-    a.uperm = unit_perm;
-    a.y = reinterpret_cast<__half*>(y);
     a.M = (int)M;
     a.K = (int)K;
-    a.N = (int)N;
-    a.n_pad = (int)n_pad;
-    a.U = (int)U;
     a.ks = ks;
-    a.nu_max = (int)cdiv(U, ks);
-    a.stage_words = stage_words;
-    const unsigned gx = (unsigned)cdiv(tiles, W);
+    int blocks = 0;
+    for (int l = 0; l < GV_MAX_LINEARS; ++l) {
+        if (l < count) {
+            const GemvLinearDesc& d = lins[l];
+            GemvLinear& g = a.lin[l];
+            g.qw = d.q_weight;
+            g.qs = d.q_scale;
+            g.umeta = reinterpret_cast<const int4*>(d.unit_meta);
+            g.uperm = d.unit_perm;
+            g.y = reinterpret_cast<__half*>(d.y);
+            g.N = (int)d.N;
+            g.n_pad = (int)d.n_pad;
+            g.U = (int)d.U;
+            g.nu_max = (int)cdiv(d.U, ks);
+            g.stage_words = d.max_bits * GV_ROW_WORDS + 8;
+            blocks += (int)cdiv(cdiv(d.n_pad, GV_COLS), W);
+        }
+        a.tile_end[l] = blocks;
+    }
     if (W == 2)
-        launch_gemv<2>(a, gx, smem, as_stream(stream));
+        launch_gemv<2>(a, (unsigned)blocks, smem, as_stream(stream));
     else
-        launch_gemv<4>(a, gx, smem, as_stream(stream));
+        launch_gemv<4>(a, (unsigned)blocks, smem, as_stream(stream));
     return true;
+}
+
+bool exl2_matmul_gemv(const void* x, const int32_t* q_weight, const int32_t* q_scale, const int32_t* unit_meta,
+                      const int32_t* unit_perm, void* y, int64_t M, int64_t K, int64_t N, int64_t n_pad, int64_t U,
+                      int max_bits, uintptr_t stream, int sms, int cc_major, int smem_optin, int warps,
+                      int k_splits) {
+    const GemvLinearDesc d{q_weight, q_scale, unit_meta, unit_perm, y, N, n_pad, U, max_bits};
+    return exl2_matmul_gemv_group(x, &d, 1, M, K, stream, sms, cc_major, smem_optin, warps, k_splits);
 }
 
 }  // namespace exl2cuda

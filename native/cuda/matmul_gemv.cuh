@@ -15,4 +15,18 @@ bool exl2_matmul_gemv(const void* x, const int32_t* q_weight, const int32_t* q_s
                       int max_bits, uintptr_t stream, int sms, int cc_major, int smem_optin, int warps = 0,
                       int k_splits = 0);
 
+// One launch for up to 3 linears that read the same x (q, k, v; gate, up): y_l = x @ W_l for each.
+struct GemvLinearDesc {
+    const int32_t* q_weight;
+    const int32_t* q_scale;
+    const int32_t* unit_meta;
+    const int32_t* unit_perm;
+    void* y;
+    int64_t N, n_pad, U;
+    int max_bits;
+};
+bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count, int64_t M, int64_t K,
+                            uintptr_t stream, int sms, int cc_major, int smem_optin, int warps = 0,
+                            int k_splits = 0);
+
 }  // namespace exl2cuda

@@ -342,7 +342,7 @@ void launch_tc(const __half* x, const int32_t* qw, const int32_t* qs, const __ha
     if (smem > 48 * 1024)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
     launch_k_split(kern, dim3((unsigned)cdiv(n_pad, TC_COLS), (unsigned)ks, (unsigned)ztiles), TC_THREADS, smem, st, ks,
-                   "exl2_matmul", x, qw, qs, qsm, qg, perm, y, M, K, N, n_pad, G, ks, x_in_smem);
+                   "exl2_matmul", false, x, qw, qs, qsm, qg, perm, y, M, K, N, n_pad, G, ks, x_in_smem);
 }
 
 }  // namespace
