@@ -95,11 +95,16 @@ do_prep() {
   if [ -n "$want" ]; then $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir $want || return 1; fi
   echo "== exl2build (CUDA, sm_90) $(date -u +%T)"
   local t0=$(date +%s) rc
+  # SKIP_OURS_BUILD=1: this call's tree was just built and installed (e.g. by device_kernels.sh).
+  if [ -n "${SKIP_OURS_BUILD:-}" ] && (cd /tmp && $PY -c "import exl2build._native as n; assert n.built_with_cuda") 2>/dev/null; then
+    echo "exl2build already installed with CUDA: not rebuilt"
+  else
   EXL2BUILD_CUDA=ON EXL2BUILD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
     $PY -m pip install -q --no-build-isolation --no-deps --no-cache-dir . > "$W/build.log" 2>&1
   rc=$?
   echo "exl2build build rc=$rc in $(( $(date +%s) - t0 )) s"
   if [ $rc -ne 0 ]; then tail -60 "$W/build.log"; return 1; fi
+  fi
   (cd /tmp && $PY -c "import exl2build._native as n; print('exl2build CUDA kernels:', n.built_with_cuda)")
   echo "== exllamav2 0.3.2 $(date -u +%T)"
   $PY -m pip install -q --no-index --no-deps --no-cache-dir .whl/exllamav2-0.3.2-py3-none-any.whl || return 1

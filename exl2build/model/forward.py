@@ -309,9 +309,21 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x: torch.Tensor, pos=0, cache: KVCache | None = None, rope=None) -> torch.Tensor:
-        # attn_block then mlp_block, with the first residual add fused into the second norm.
-        z, x = self.post_attention_layernorm.add_norm(self.self_attn(self.input_layernorm(x), pos, cache, rope), x)
-        return x + self.mlp(z)
+        """attn_block then mlp_block."""
+        x, pending = self.run(x, None, pos, cache, rope)
+        return x + pending
+
+    def run(self, x: torch.Tensor, pending: torch.Tensor | None, pos=0, cache: KVCache | None = None,
+            rope=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer with its residual adds fused into the norms that follow them: the residual
+        stream is x + pending (pending: the previous layer's MLP output, or None); returns this
+        layer's (x, pending). Model.hidden hands each pending to the next layer's first norm."""
+        if pending is None:
+            z = self.input_layernorm(x)
+        else:
+            z, x = self.input_layernorm.add_norm(pending, x)
+        z, x = self.post_attention_layernorm.add_norm(self.self_attn(z, pos, cache, rope), x)
+        return x, self.mlp(z)
 
 
 class Embedding(nn.Module):
@@ -367,11 +379,12 @@ class Model(nn.Module):
             rope = self.rotary.gather(cache.pos_t, dtype)
         else:
             rope = self.rotary.cos_sin(pos, ids.shape[1], dtype)
+        pending = None
         for layer in self.layers:
-            x = layer(x, pos, cache, rope)
+            x, pending = layer.run(x, pending, pos, cache, rope)
         if cache is not None and not static:  # in static mode the caller advances the length
             cache.length += ids.shape[1]
-        x = self.norm(x)
+        x = self.norm(x) if pending is None else self.norm.add_norm(pending, x)[0]
         return x[0] if squeeze else x
 
     @torch.no_grad()

@@ -10,6 +10,8 @@
 //    table (f16(f16(x * cos) + x_rolled * sin), as torch's mul + addcmul), k and v stored into
 //    the KV cache at their positions;
 //  * silu_mul: f16(f16(silu(g)) * u), as torch's silu then mul.
+// Each lets the next kernel start at once (programmatic dependent launch): the matmul that follows
+// prefetches its weights while this one runs and waits for it before reading its output.
 // The norm's f32 sum runs in a different order than torch's, so its outputs may differ from
 // torch's in the last bit; rope_cache and silu_mul match torch bit for bit.
 
@@ -29,6 +31,7 @@ __global__ void __launch_bounds__(NORM_THREADS) rms_norm_kernel(const __half* __
                                                                 const float* __restrict__ w,
                                                                 __half* __restrict__ out, __half* h_out, int dim,
                                                                 float eps) {
+    grid_dependents_launch();  // a following matmul may start prefetching its weights now
     const int64_t row = blockIdx.x;
     const __half* xr = x + row * dim;
     const __half* rr = r ? r + row * dim : nullptr;
@@ -72,6 +75,7 @@ __global__ void rope_cache_kernel(__half* q, const __half* __restrict__ k, const
                                   __half* __restrict__ k_cache, __half* __restrict__ v_cache,
                                   const int64_t* __restrict__ pos, int64_t start, int T, int H, int Hkv, int D,
                                   int64_t max_len) {
+    grid_dependents_launch();
     const int bt = blockIdx.x, t = bt % T, b = bt / T, y = blockIdx.y;
     const __half* cs = cos_t + (int64_t)t * D;
     const __half* sn = sin_t + (int64_t)t * D;
@@ -97,6 +101,7 @@ __global__ void rope_cache_kernel(__half* q, const __half* __restrict__ k, const
 
 __global__ void silu_mul_kernel(const __half2* __restrict__ g, const __half2* __restrict__ u,
                                 __half2* __restrict__ out, int64_t n2) {
+    grid_dependents_launch();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n2; i += (int64_t)gridDim.x * blockDim.x) {
         const float2 gf = __half22float2(g[i]), uf = __half22float2(u[i]);
         // torch: silu in f32 rounded to f16, then an f16 multiply (computed in f32, rounded)
