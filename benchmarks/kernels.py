@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from exl2build import _native
+from exl2build import _native, kernels
 from exl2build.format.exl2 import QTensor
 
 C = getattr(_native, "cuda", None)  # absent from a CPU-only build (random_qtensor still works)
@@ -151,8 +151,6 @@ def matmul_args(x, qt, y):
 
 
 def gemv_args(x, qt, y):
-    from exl2build import kernels
-
     meta, uperm, max_bits = kernels.unit_tables(qt)
     return [x.data_ptr(), qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), meta.data_ptr(), uperm.data_ptr(),
             y.data_ptr(), x.shape[0], qt.K, qt.N, qt.q_weight.shape[1], meta.shape[0], max_bits]
@@ -178,7 +176,7 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
     for M in Ms:
         x = (torch.randn(M, K, device="cuda") * 0.5).half()
         y = torch.empty(M, N, device="cuda", dtype=torch.float16)
-        t_alt = t_deq = t_tc = None
+        t_alt = t_deq = t_tc = t_gemv = None
         if M <= 32:
             argsets = [matmul_args(x, qt, y) for qt in qts]
 
@@ -193,9 +191,11 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
             inner = 4 * len(argsets) if not quick else len(argsets)
             t = t_tc = time_graph(fused(MATMUL_TC), inner)  # the tensor-core kernel
             t_alt = time_graph(fused(MATMUL_SIMT), inner)  # the SIMT kernel of the previous rounds
-            if M <= 8:  # the decode-sized kernel, the default there on sm_90
-                gsets = [gemv_args(x, qt, y) for qt in qts]
-                t = time_graph(gemv(gsets, 0, 0), inner)
+            # the decode-sized kernel (up to 32 tokens), the default on sm_90 where kernels.exl2_matmul picks it
+            gsets = [gemv_args(x, qt, y) for qt in qts]
+            t_gemv = time_graph(gemv(gsets, 0, 0), inner)
+            if M <= kernels.GEMV_MAX_ROWS:
+                t = t_gemv
         else:
             w = torch.empty(K, N, device="cuda", dtype=torch.float16)
 
@@ -244,8 +244,9 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
         rows.append({
             "K": K, "N": N, "bpw": bpw, "M": M, "us": t * 1e6, "GBps": bw / 1e9, "copy_ratio": bw / copy_bw,
             "TFLOPs": 2 * M * K * N / t / 1e12, "fp16_us": tb * 1e6, "weight_MB": wb / 1e6,
-            "path": ("decode-sized" if M <= 8 else "fused") if M <= 32 else "dequant+cuBLAS",
+            "path": ("decode-sized" if M <= kernels.GEMV_MAX_ROWS else "fused") if M <= 32 else "dequant+cuBLAS",
             "tc_us": None if t_tc is None else t_tc * 1e6,
+            "gemv_us": None if t_gemv is None else t_gemv * 1e6,
             # M <= 32: the SIMT fused kernel; M > 32: the previous dequant kernel + cuBLAS
             "alt_us": t_alt * 1e6,
             # M > 32: the dequantization alone, and its bandwidth (packed bytes read + fp16 written)
@@ -255,7 +256,8 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
         r = rows[-1]
         print(f"{K:>6}x{N:<6} {bpw:>4} bpw M={M:<5} {r['us']:9.1f} us  {r['GBps']:7.0f} GB/s  "
               f"{100 * r['copy_ratio']:5.1f}% of copy  {r['TFLOPs']:7.2f} TFLOP/s  fp16 cuBLAS {r['fp16_us']:9.1f} us  "
-              f"previous kernel {r['alt_us']:9.1f} us" + ("" if t_tc is None or M > 8 else f"  tensor-core M<=32 kernel {t_tc * 1e6:.1f} us") + ("" if t_deq is None else f"  dequant alone {r['dequant_us']:.1f} us "
+              f"previous kernel {r['alt_us']:9.1f} us" + ("" if t_tc is None else f"  tensor-core M<=32 kernel {t_tc * 1e6:.1f} us")
+              + ("" if t_gemv is None else f"  decode-sized kernel {t_gemv * 1e6:.1f} us") + ("" if t_deq is None else f"  dequant alone {r['dequant_us']:.1f} us "
               f"({100 * r['dequant_copy_ratio']:.0f}% of copy)"),
               flush=True)
     del qts
@@ -495,7 +497,7 @@ def main():
     if args.gemv:
         for K, N in shapes:
             for bpw in (2.5, 4.0, 6.0):
-                bench_matmul(K, N, bpw, [1, 8], copy_bw, res["fp16_TFLOPs"], res["matmul"], True)
+                bench_matmul(K, N, bpw, [1, 8, 16, 32], copy_bw, res["fp16_TFLOPs"], res["matmul"], True)
         sweep_gemv(copy_bw, res["gemv_sweep"], (2.5, 4.0, 6.0) if not args.quick else (4.0,))
         if args.json:
             with open(args.json, "w") as f:

@@ -373,7 +373,7 @@ needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 
 @needs_sm90
 @pytest.mark.parametrize("K,N,layout", LAYOUTS)
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 9, 16, 17, 32])  # 1, 2 and 4 token tiles
 @pytest.mark.parametrize("warps", [2, 4])
 def test_exl2_matmul_gemv_matches_reference(K, N, layout, M, warps):
     qt = random_qtensor(K, N, layout, seed=5 * K + N)
@@ -387,7 +387,7 @@ def test_exl2_matmul_gemv_matches_reference(K, N, layout, M, warps):
 
 @needs_sm90
 @pytest.mark.parametrize("ks", [1, 2, 3, 7, 8, 9, 16])
-@pytest.mark.parametrize("M", [1, 4, 8])
+@pytest.mark.parametrize("M", [1, 4, 8, 12, 32])
 def test_exl2_matmul_gemv_k_splits(ks, M):
     """Every K split (clusters of up to 16 blocks) computes the same product, deterministically."""
     qt, w32 = _launch_shapes_qtensor()
@@ -408,7 +408,7 @@ def test_exl2_matmul_gemv_activations_far_from_zero_mean(offset):
     qt = random_qtensor(K, N, layout, seed=21)
     qd = qt.to(DEV)
     w32 = kernels_ref.dequant(qt, torch.float32)
-    for M in (1, 8):
+    for M in (1, 8, 32):
         xh = (torch.randn(M, K, generator=gen(M)) + offset).half().to(DEV)
         done, y = _gemv_native(xh, qd, M)
         assert done
@@ -419,8 +419,8 @@ def test_exl2_matmul_gemv_activations_far_from_zero_mean(offset):
 def test_exl2_matmul_gemv_declines_what_it_cannot_run():
     qt, _ = _launch_shapes_qtensor()
     qd = qt.to(DEV)
-    xh = torch.randn(9, qt.K, generator=gen(9)).half().to(DEV)
-    assert not _gemv_native(xh, qd, 9)[0]  # M > 8
+    xh = torch.randn(33, qt.K, generator=gen(9)).half().to(DEV)
+    assert not _gemv_native(xh, qd, 33)[0]  # M > 32
 
 
 # Three linears with the same K and different N, bit widths and group structure (q, k, v-like).
@@ -446,7 +446,7 @@ def _group_native(xh, qds, M, ks=0):
 
 @needs_sm90
 @pytest.mark.parametrize("count", [1, 2, 3])
-@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("M", [1, 3, 8, 24])
 @pytest.mark.parametrize("ks", [0, 1, 4, 16])
 def test_exl2_matmul_gemv_group_matches_reference(count, M, ks):
     """One launch over up to three linears of different shapes and layouts: each output as its own

@@ -84,7 +84,7 @@ void register_cuda(py::module_& m) {
                               ptr<const uint16_t>(qsm), ptr<const int16_t>(qg), ptr<const int32_t>(perm), ptr<void>(y),
                               M, K, N, n_pad, G, io_is_f16, stream, cols_per_thread, k_splits, flags);
     }, nogil);
-    // The decode-sized kernel (M <= 8, sm_90) with the per-unit tables of kernels.unit_tables;
+    // The decode-sized kernel (M <= 32, sm_90) with the per-unit tables of kernels.unit_tables;
     // returns False when it does not apply. warps (2 or 4, 0 = default) and k_splits (1..16,
     // 0 = choose) are for benchmarks/kernels.py.
     m.def("exl2_matmul_gemv", [](P x, P qw, P qs, P umeta, P uperm, P y, int64_t M, int64_t K, int64_t N,

@@ -1,6 +1,6 @@
-// Tensor-core EXL2 matmul for decode-sized M (1..8): y[M, N] = x[M, K] @ W, f16 in and out.
+// Tensor-core EXL2 matmul for decode-sized M (1..32): y[M, N] = x[M, K] @ W, f16 in and out.
 //
-// At M <= 8 the product reads every weight once and does almost no math per byte, so the
+// At small M the product reads every weight once and does almost no math per byte, so the
 // kernel is a memory stream: what matters is how many bytes are in flight and how little
 // happens before the first load. Compared with matmul_tc.cu (which serves M up to 32):
 //  * The per-unit bookkeeping comes from tables built once per linear on the host (unit_meta:
@@ -37,6 +37,7 @@ constexpr int GV_COLS = 64;       // output columns per warp
 constexpr int GV_ROW_WORDS = 72;  // one word row of a stage: 64 words + 8 of padding (conflict-free reads)
 constexpr int GV_STAGES = 6;      // ring depth per warp
 constexpr int GV_MAX_KS = 16;     // cluster size limit on sm_90 (non-portable above 8)
+constexpr int GV_MAX_M = 32;      // tokens: up to 4 tiles of 8 in the mma's n dimension
 
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool pred) {
     const int n = pred ? 16 : 0;  // 0: nothing read, 16 zero bytes written
@@ -159,10 +160,10 @@ struct Ring {
 
 // Units u.. of bit width B (stops at the first unit of another width): wait for unit u, refill the
 // stage freed last step with unit u + STAGES - 1, multiply, and scale at each group's end.
-template <int B>
+template <int B, int NT>
 __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const float2* cus2, Ring& ring,
                                          const LaneCopy& lc, const uint4* xs4, int M, int t, int gid,
-                                         float2& cg, float (&tmp)[4][1][4], float (&acc)[4][1][4]) {
+                                         float2 (&cg)[NT], float (&tmp)[4][NT][4], float (&acc)[4][NT][4]) {
     for (; u < nu; ++u) {
         const int4 um = ums[u];
         if (um_bits(um) != B) break;
@@ -180,20 +181,30 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
         cp_async_commit();
         Stage st;
         read_stage<B>(st, ring.at(ring.cur), t, gid);
-        uint4 xb[1];
-        xb[0] = gid < M ? xs4[(u * M + gid) * 4 + t] : make_uint4(0u, 0u, 0u, 0u);
-        mma_unit<B, 1, false>(st, t, xb, tmp);
-        const float2 c = cus2[u * 4 + t];  // tokens 2t, 2t + 1
-        cg.x += c.x;
-        cg.y += c.y;
+        uint4 xb[NT];  // token tile tau: tokens 8 tau .. 8 tau + 7, this lane's B fragment of token 8 tau + gid
+#pragma unroll
+        for (int tau = 0; tau < NT; ++tau) {
+            const int m = 8 * tau + gid;
+            xb[tau] = m < M ? xs4[(u * M + m) * 4 + t] : make_uint4(0u, 0u, 0u, 0u);
+        }
+        mma_unit<B, NT, false>(st, t, xb, tmp);
+#pragma unroll
+        for (int tau = 0; tau < NT; ++tau) {
+            const float2 c = cus2[(u * NT + tau) * 4 + t];  // tokens 8 tau + 2t, 8 tau + 2t + 1
+            cg[tau].x += c.x;
+            cg[tau].y += c.y;
+        }
         if (um_last(um) || u + 1 == nu) {
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) tmp[i][0][e] -= (e & 1) ? cg.y : cg.x;
+                for (int tau = 0; tau < NT; ++tau)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) tmp[i][tau][e] -= (e & 1) ? cg[tau].y : cg[tau].x;
             read_scales(st, ring.at(ring.cur), gid, ring.sc_off);
-            finish_group<1>(st.sc, gid, (unsigned short)(um.w >> 16), tmp, acc);
-            cg = make_float2(0.0f, 0.0f);
+            finish_group<NT>(st.sc, gid, (unsigned short)(um.w >> 16), tmp, acc);
+#pragma unroll
+            for (int tau = 0; tau < NT; ++tau) cg[tau] = make_float2(0.0f, 0.0f);
         }
         ring.advance();
     }
@@ -225,8 +236,10 @@ struct GemvArgs {
 // local memory).
 #define GV_PICK(l, f) ((l) == 0 ? a.lin[0].f : (l) == 1 ? a.lin[1].f : a.lin[2].f)
 
-template <int W>
-__global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArgs a) {
+// NT token tiles of 8 (M <= 8 NT). More tiles hold more accumulators: fewer blocks per SM, so each
+// thread may use more registers.
+template <int W, int NT>
+__global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const GemvArgs a) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int l = (int)blockIdx.x < a.tile_end[0] ? 0 : (int)blockIdx.x < a.tile_end[1] ? 1 : 2;
     const int bx = (int)blockIdx.x - (l == 0 ? 0 : l == 1 ? a.tile_end[0] : a.tile_end[1]);
@@ -250,7 +263,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
     const unsigned stages_s = (unsigned)__cvta_generic_to_shared(stages);
     __half* xs = reinterpret_cast<__half*>(smem_raw + (size_t)W * GV_STAGES * stage_words * 4);
     int4* ums = reinterpret_cast<int4*>(xs + (size_t)nu_max * a.M * 32);
-    float* cus = reinterpret_cast<float*>(ums + nu_max);  // [unit][8]: (1024 + 2^(b-1)) * sum of x
+    float* cus = reinterpret_cast<float*>(ums + nu_max);  // [unit][8 NT]: (1024 + 2^(b-1)) * sum of x
 
     // 1. The first K-slot channels of x, then (one round trip for unit_meta) this warp's first units.
     constexpr int CH = 8;
@@ -302,8 +315,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
     __syncthreads();
     // The codes enter the mma as 1024 + q (one LOP3 per two weights, no subtraction), so each
     // group's sums carry (1024 + 2^(b-1)) * sum(x) too; per unit and token, in f32, in a fixed order.
-    for (int j = threadIdx.x; j < nu * 8; j += nthr) {
-        const int lu = j >> 3, m = j & 7;
+    for (int j = threadIdx.x; j < nu * 8 * NT; j += nthr) {
+        const int lu = j / (8 * NT), m = j % (8 * NT);
         float sum = 0.0f;
         if (m < a.M) {
             const __half2* p = reinterpret_cast<const __half2*>(xs + (lu * a.M + m) * 32);
@@ -320,32 +333,37 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
 
     // 2. Stream the units, one run of equal bit width at a time (the width is a template argument
     // inside a run, so the decoding is straight-line code).
-    float acc[4][1][4], tmp[4][1][4];
+    float acc[4][NT][4], tmp[4][NT][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][0][e] = tmp[i][0][e] = 0.0f;
+        for (int tau = 0; tau < NT; ++tau)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][tau][e] = tmp[i][tau][e] = 0.0f;
     if (active) {
         const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
         Ring ring{stages, stages_s, stage_words, sc_off, 0, GV_STAGES - 1};
         const float2* cus2 = reinterpret_cast<const float2*>(cus);
-        float2 cg = make_float2(0.0f, 0.0f);
+        float2 cg[NT];
+#pragma unroll
+        for (int tau = 0; tau < NT; ++tau) cg[tau] = make_float2(0.0f, 0.0f);
         int u = 0;
         while (u < nu) {
             switch (um_bits(ums[u])) {
-                case 2: u = run_units<2>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
-                case 3: u = run_units<3>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
-                case 4: u = run_units<4>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
-                case 5: u = run_units<5>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
-                case 6: u = run_units<6>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
-                case 8: u = run_units<8>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 2: u = run_units<2, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 3: u = run_units<3, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 4: u = run_units<4, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 5: u = run_units<5, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 6: u = run_units<6, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 8: u = run_units<8, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
                 default: u = nu; break;  // unreachable: kernels.py admits only these widths
             }
         }
         cp_async_wait<0>();
     }
 
-    // 3. Output. Lane element e of tile i: token 2t + (e & 1), column k = 2i + (e >> 1) of the lane.
+    // 3. Output. Lane element e of tile i, token tile tau: token 8 tau + 2t + (e & 1), column
+    // k = 2i + (e >> 1) of the lane.
     auto col_of = [&](int i, int e) {
         const int k = 2 * i + (e >> 1);
         return (k < 4 ? 0 : 32) + 4 * gid + (k & 3);
@@ -355,22 +373,26 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int m = 2 * t + (e & 1), n = col_base + col_of(i, e);
-                if (m < a.M && n < N) y[(int64_t)m * N + n] = __float2half_rn(acc[i][0][e]);
-            }
+            for (int tau = 0; tau < NT; ++tau)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int m = 8 * tau + 2 * t + (e & 1), n = col_base + col_of(i, e);
+                    if (m < a.M && n < N) y[(int64_t)m * N + n] = __float2half_rn(acc[i][tau][e]);
+                }
         return;
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    float* part = cus + (size_t)nu_max * 8;  // [M][W * 64]
+    float* part = cus + (size_t)nu_max * 8 * NT;  // [M][W * 64]
     const int NO = a.M * W * GV_COLS;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int m = 2 * t + (e & 1);
-            if (m < a.M) part[m * W * GV_COLS + warp * GV_COLS + col_of(i, e)] = acc[i][0][e];
-        }
+        for (int tau = 0; tau < NT; ++tau)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int m = 8 * tau + 2 * t + (e & 1);
+                if (m < a.M) part[m * W * GV_COLS + warp * GV_COLS + col_of(i, e)] = acc[i][tau][e];
+            }
     cluster_reduce(part, NO, a.ks, nthr, [&](int i, float sum) {
         const int m = i / (W * GV_COLS), n = bx * W * GV_COLS + i % (W * GV_COLS);
         if (n < N) y[(int64_t)m * N + n] = __float2half_rn(sum);
@@ -378,9 +400,9 @@ __global__ void __launch_bounds__(W * 32, 16 / W) exl2_gemv_kernel(const GemvArg
 #endif
 }
 
-template <int W>
+template <int W, int NT>
 void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
-    auto kern = exl2_gemv_kernel<W>;
+    auto kern = exl2_gemv_kernel<W, NT>;
     if (smem > 48 * 1024)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
     if (a.ks > 8) check(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "exl2_matmul");
@@ -393,7 +415,8 @@ void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
 
 bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count, int64_t M, int64_t K,
                             uintptr_t stream, int sms, int cc_major, int smem_optin, int warps, int k_splits) {
-    if (cc_major < 9 || M <= 0 || M > 8 || count < 1 || count > GV_MAX_LINEARS) return false;
+    if (cc_major < 9 || M <= 0 || M > GV_MAX_M || count < 1 || count > GV_MAX_LINEARS) return false;
+    const int NT = M <= 8 ? 1 : M <= 16 ? 2 : 4;
     int64_t tiles = 0, u_min = INT64_MAX;
     for (int l = 0; l < count; ++l) {
         const GemvLinearDesc& d = lins[l];
@@ -425,7 +448,8 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
         const int64_t nu_max = cdiv(lins[l].U, k);
         const int64_t xs_bytes = cdiv(nu_max * M * 32 * 2, 16) * 16;
         const int64_t stage_words = lins[l].max_bits * GV_ROW_WORDS + 8;
-        return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + nu_max * (16 + 32) + M * W * GV_COLS * 4);
+        return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + nu_max * (16 + 32 * NT) +
+                        M * W * GV_COLS * 4);
     };
     auto smem_max = [&](int k) {
         size_t m = 0;
@@ -459,10 +483,14 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
         }
         a.tile_end[l] = blocks;
     }
-    if (W == 2)
-        launch_gemv<2>(a, (unsigned)blocks, smem, as_stream(stream));
+    const unsigned gx = (unsigned)blocks;
+    const cudaStream_t st = as_stream(stream);
+    if (M <= 8)
+        W == 2 ? launch_gemv<2, 1>(a, gx, smem, st) : launch_gemv<4, 1>(a, gx, smem, st);
+    else if (M <= 16)
+        W == 2 ? launch_gemv<2, 2>(a, gx, smem, st) : launch_gemv<4, 2>(a, gx, smem, st);
     else
-        launch_gemv<4>(a, (unsigned)blocks, smem, as_stream(stream));
+        W == 2 ? launch_gemv<2, 4>(a, gx, smem, st) : launch_gemv<4, 4>(a, gx, smem, st);
     return true;
 }
 

@@ -1,11 +1,11 @@
 // The decode-sized tensor-core EXL2 matmul (matmul_gemv.cu), called by exl2build.kernels for
-// f16 activations with M <= 8.
+// f16 activations with M <= 32 (kernels.GEMV_MAX_ROWS decides where it is the default).
 #pragma once
 #include <cstdint>
 
 namespace exl2cuda {
 
-// y = x @ W for f16 x [M, K] and y [M, N], 1 <= M <= 8, on sm_90. unit_meta (int32 [U, 4]) and
+// y = x @ W for f16 x [M, K] and y [M, N], 1 <= M <= 32, on sm_90. unit_meta (int32 [U, 4]) and
 // unit_perm (int32 [U * 32]) are the per-unit tables of exl2build.kernels.unit_tables; max_bits is
 // the largest bit width of the linear. Returns false (nothing launched) when it does not apply:
 // older GPU, M out of range, misaligned tensors, or too little shared memory.
