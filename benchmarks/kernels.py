@@ -496,9 +496,10 @@ def main():
     Ms = [1, 8, 32, 2048]
     if args.gemv:
         for K, N in shapes:
-            for bpw in (2.5, 4.0, 6.0):
+            for bpw in (2.5, 4.0, 6.0) if not args.quick else (4.0,):
                 bench_matmul(K, N, bpw, [1, 8, 16, 32], copy_bw, res["fp16_TFLOPs"], res["matmul"], True)
-        sweep_gemv(copy_bw, res["gemv_sweep"], (2.5, 4.0, 6.0) if not args.quick else (4.0,))
+        if not args.no_sweep:
+            sweep_gemv(copy_bw, res["gemv_sweep"], (2.5, 4.0, 6.0) if not args.quick else (4.0,))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
