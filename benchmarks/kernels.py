@@ -194,7 +194,7 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
             # the decode-sized kernel (up to 32 tokens), the default on sm_90 where kernels.exl2_matmul picks it
             gsets = [gemv_args(x, qt, y) for qt in qts]
             t_gemv = time_graph(gemv(gsets, 0, 0), inner)
-            if M <= kernels.GEMV_MAX_ROWS:
+            if kernels._gemv_applies(x, N):  # what kernels.exl2_matmul runs
                 t = t_gemv
         else:
             w = torch.empty(K, N, device="cuda", dtype=torch.float16)
@@ -244,7 +244,7 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
         rows.append({
             "K": K, "N": N, "bpw": bpw, "M": M, "us": t * 1e6, "GBps": bw / 1e9, "copy_ratio": bw / copy_bw,
             "TFLOPs": 2 * M * K * N / t / 1e12, "fp16_us": tb * 1e6, "weight_MB": wb / 1e6,
-            "path": ("decode-sized" if M <= kernels.GEMV_MAX_ROWS else "fused") if M <= 32 else "dequant+cuBLAS",
+            "path": ("decode-sized" if kernels._gemv_applies(x, N) else "fused") if M <= 32 else "dequant+cuBLAS",
             "tc_us": None if t_tc is None else t_tc * 1e6,
             "gemv_us": None if t_gemv is None else t_gemv * 1e6,
             # M <= 32: the SIMT fused kernel; M > 32: the previous dequant kernel + cuBLAS

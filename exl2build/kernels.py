@@ -19,8 +19,8 @@ except ImportError as e:  # pragma: no cover - only when the package was never b
 
 BIT_WIDTHS = (2, 3, 4, 5, 6, 8)
 FUSED_MATMUL_MAX_ROWS = 32  # above this exl2_matmul is dequant + torch.matmul
-GEMV_MAX_ROWS = 8  # up to this, f16 on sm_90 runs the decode-sized kernel (native/cuda/matmul_gemv.cu)
-GEMV_SMALL_LINEAR = 4096 * 4096  # K * N up to which 2 <= M <= 8 stays on the tensor-core kernel
+GEMV_MAX_ROWS = 32  # up to this, f16 on sm_90 may run the decode-sized kernel (native/cuda/matmul_gemv.cu)
+GEMV_SMALL_LINEAR = 4096 * 4096  # K * N up to which some M stay on the tensor-core kernel (_gemv_applies)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -320,12 +320,15 @@ def _check_matmul_input(x: torch.Tensor, qt) -> torch.device:
 
 
 def _gemv_applies(x: torch.Tensor, N: int) -> bool:
-    """Whether the decode-sized kernel serves x [M, K] (N output columns in all): M = 1, and up to
-    M = 8 on products larger than 4096x4096 (on 4096x4096 the tensor-core kernel was 10-15 %
-    faster at M = 8; H200, benchmarks/RESULTS.md). It declines older GPUs itself."""
+    """Whether the decode-sized kernel serves x [M, K] (N output columns in all). Measured on an
+    H200 (benchmarks/RESULTS.md, session 4): above 4096x4096 it is the faster kernel at every M up
+    to 32 (1.4-2.8x the tensor-core kernel at M = 8-32); at 4096x4096 and below only at M = 1 and
+    around M = 16 (37 vs 56 us; the tensor-core kernel wins at M = 8 and 32). It declines older
+    GPUs itself."""
     M, K = x.shape
-    return (x.is_cuda and x.dtype == torch.float16 and 0 < M <= GEMV_MAX_ROWS
-            and (M == 1 or K * N > GEMV_SMALL_LINEAR))
+    if not (x.is_cuda and x.dtype == torch.float16 and 0 < M <= GEMV_MAX_ROWS):
+        return False
+    return K * N > GEMV_SMALL_LINEAR or M == 1 or 8 < M <= 16
 
 
 def _gemv_desc(qt, y: torch.Tensor) -> list[int] | None:
@@ -342,9 +345,9 @@ def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W (x in original channel order; no bias). Same dtype as x.
 
     Fused dequant-and-multiply for M <= 32; dequant + torch.matmul above (f32 math on CPU). On
-    sm_90 with f16, M = 1 (and M <= 8 on linears above 4096x4096) runs the decode-sized kernel,
-    which needs `unit_tables(qt)`: built on the first call, so run one call before capturing a
-    CUDA graph (as for the validation of qt).
+    sm_90 with f16 the decode-sized kernel runs where `_gemv_applies` says it is faster. It needs
+    `unit_tables(qt)`, built on the first call: run one call before capturing a CUDA graph (as
+    for the validation of qt).
     """
     dev = _check_matmul_input(x, qt)
     M, K = x.shape
