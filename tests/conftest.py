@@ -21,6 +21,23 @@ WIKI_TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 WIKI_VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
 
 
+def _native_has_cuda() -> bool:
+    try:
+        from exl2build import _native
+    except ImportError:  # pragma: no cover - only when the package was never built
+        return False
+    return bool(getattr(_native, "built_with_cuda", False))
+
+
+# `pytestmark = NEEDS_CUDA` in a test module: its tests are CUDA tests (`-m cuda`), skipped
+# without a GPU or without the CUDA kernels.
+NEEDS_CUDA = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not _native_has_cuda(), reason="exl2build._native was built without CUDA"),
+]
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is missing: tests read shared data from ../shared beside the checkout")

@@ -9,24 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import NEEDS_CUDA, make_tiny_llama
 
 from exl2build import kernels, kernels_ref
 from exl2build.model import forward
 from exl2build.model.generate import generate
 from exl2build.model.load import load_model
-from conftest import make_tiny_llama
 
-try:
-    from exl2build import _native
-except ImportError:  # pragma: no cover
-    _native = None
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(_native is None or not getattr(_native, "built_with_cuda", False),
-                       reason="exl2build._native was built without CUDA"),
-]
+pytestmark = NEEDS_CUDA
 DEV = "cuda"
 
 

@@ -18,21 +18,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import NEEDS_CUDA
 
-from exl2build import kernels, kernels_ref
+from exl2build import _native, kernels, kernels_ref
 from exl2build.format.exl2 import build_qtensor
 
-try:
-    from exl2build import _native
-except ImportError:  # pragma: no cover
-    _native = None
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(_native is None or not getattr(_native, "built_with_cuda", False),
-                       reason="exl2build._native was built without CUDA"),
-]
+pytestmark = NEEDS_CUDA
 
 BITS = (2, 3, 4, 5, 6, 8)
 DEV = "cuda"
