@@ -272,6 +272,10 @@ class Attention(nn.Module):
             elif cache is not None:
                 k, v = cache.store(self.layer_idx, k, v)
         gqa = H != Hkv
+        if static and T == 1 and _ops(x) is kernels and kernels.decode_attention_applies(x, k):
+            # One kernel over the keys stored so far, split over the sequence (CUDA-graph decode).
+            o = kernels.decode_attention(q.transpose(1, 2).reshape(B, 1, H * D), k, v, cache.pos_t)
+            return self.o_proj(o)
         if static:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
         elif past == 0:

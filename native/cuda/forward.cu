@@ -15,6 +15,9 @@
 // The norm's f32 sum runs in a different order than torch's, so its outputs may differ from
 // torch's in the last bit; rope_cache and silu_mul match torch bit for bit.
 
+#include <algorithm>
+#include <cmath>
+
 #include "common.cuh"
 #include "kernels_cuda.cuh"
 
@@ -111,6 +114,120 @@ __global__ void silu_mul_kernel(const __half2* __restrict__ g, const __half2* __
     }
 }
 
+// Attention of one new token per sequence (batch-1 decode) over the KV cache, split over the
+// sequence: grid (B * H, S) in clusters of S blocks along y. Block s scores keys
+// [s * chunk, (s + 1) * chunk) of the n = pos[0] + 1 valid ones, one key per thread in batches of
+// ATT_THREADS, with an online softmax across batches; the S partial (max, sum, weighted values)
+// are combined through distributed shared memory, each block finishing D / S of the dims. A head
+// was one block of SDPA's kernel (8 us per layer on a 7B-shaped model); S blocks read its keys
+// in parallel. q [B, H, D] (roped), caches [B, Hkv, L, D], out [B, H, D]; scale = 1 / sqrt(D).
+constexpr int ATT_THREADS = 128;
+
+__global__ void __launch_bounds__(ATT_THREADS) decode_attention_kernel(
+    const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+    const int64_t* __restrict__ pos, __half* __restrict__ out, int H, int Hkv, int D, int64_t L, int chunk,
+    float scale) {
+    extern __shared__ __align__(16) float att_smem[];
+    float* qs = att_smem;              // [D] q * scale * log2(e)
+    float* p = qs + D;                 // [ATT_THREADS] this batch's exp2(score - m)
+    float* red = p + ATT_THREADS;      // [ATT_THREADS / 32] reduction scratch
+    float* part = red + ATT_THREADS / 32 + 2;  // [2 + D]: m, l, acc (read by the cluster)
+    grid_dependents_launch();
+    const int bh = blockIdx.x, b = bh / H, h = bh % H, s = blockIdx.y, S = gridDim.y;
+    const int kvh = h / (H / Hkv);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const __half* kh = k_cache + ((int64_t)b * Hkv + kvh) * L * D;
+    const __half* vh = v_cache + ((int64_t)b * Hkv + kvh) * L * D;
+    for (int d = tid; d < D; d += ATT_THREADS)
+        qs[d] = __half2float(q[(int64_t)bh * D + d]) * scale * 1.4426950408889634f;
+    const int64_t n = pos[0] + 1;
+    const int64_t k0 = (int64_t)s * chunk, k1 = k0 + chunk < n ? k0 + chunk : n;
+    __syncthreads();
+
+    auto block_reduce = [&](float v, bool is_max) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float w = __shfl_xor_sync(0xffffffffu, v, o);
+            v = is_max ? fmaxf(v, w) : v + w;
+        }
+        if (lane == 0) red[warp] = v;
+        __syncthreads();
+        float r = red[0];
+#pragma unroll
+        for (int i = 1; i < ATT_THREADS / 32; ++i) r = is_max ? fmaxf(r, red[i]) : r + red[i];
+        __syncthreads();
+        return r;
+    };
+
+    float m = -INFINITY, l = 0.0f, acc = 0.0f;  // acc: dim tid (tid < D; D <= ATT_THREADS)
+    for (int64_t base = k0; base < k1; base += ATT_THREADS) {
+        const int64_t j = base + tid;
+        float sc = -INFINITY;
+        if (j < k1) {
+            const uint4* kr = reinterpret_cast<const uint4*>(kh + j * D);
+            float dot = 0.0f;
+            for (int c = 0; c < D / 8; ++c) {
+                const uint4 w = kr[c];
+                const __half2* hw = reinterpret_cast<const __half2*>(&w);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 f = __half22float2(hw[e]);
+                    dot = fmaf(f.x, qs[8 * c + 2 * e], dot);
+                    dot = fmaf(f.y, qs[8 * c + 2 * e + 1], dot);
+                }
+            }
+            sc = dot;
+        }
+        const float mb = block_reduce(sc, true);
+        const float m_new = fmaxf(m, mb);
+        const float pj = j < k1 ? exp2f(sc - m_new) : 0.0f;
+        p[tid] = pj;
+        const float corr = exp2f(m - m_new);  // 0 on the first batch (m = -inf)
+        l = l * corr + block_reduce(pj, false);  // the reduction's barrier also publishes p
+        m = m_new;
+        if (tid < D) {
+            acc *= corr;
+            const int cnt = (int)(k1 - base < ATT_THREADS ? k1 - base : ATT_THREADS);
+            const __half* vr = vh + base * D + tid;
+#pragma unroll 8
+            for (int i = 0; i < cnt; ++i) acc = fmaf(p[i], __half2float(vr[(int64_t)i * D]), acc);
+        }
+        __syncthreads();  // p is rewritten by the next batch
+    }
+    __half* o = out + (int64_t)bh * D;
+    if (S == 1) {
+        if (tid < D) o[tid] = __float2half_rn(acc / l);
+        return;
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cl = cg::this_cluster();
+    if (tid == 0) {
+        part[0] = m;
+        part[1] = l;
+    }
+    if (tid < D) part[2 + tid] = acc;
+    cl.sync();
+    float M = -INFINITY;
+    for (int r = 0; r < S; ++r) M = fmaxf(M, cl.map_shared_rank(part, r)[0]);
+    float Lsum = 0.0f;
+    for (int r = 0; r < S; ++r) {
+        const float* pr = cl.map_shared_rank(part, r);
+        Lsum += pr[1] * exp2f(pr[0] - M);  // a block without valid keys: l = 0
+    }
+    for (int d = tid; d < D; d += ATT_THREADS) {
+        if (d % S != s) continue;
+        float v = 0.0f;
+        for (int r = 0; r < S; ++r) {
+            const float* pr = cl.map_shared_rank(part, r);
+            if (pr[1] > 0.0f) v += pr[2 + d] * exp2f(pr[0] - M);
+        }
+        o[d] = __float2half_rn(v / Lsum);
+    }
+    cl.sync();  // keep this block's shared memory alive until every block has read it
+#endif
+}
+
 }  // namespace
 
 void rms_norm(const void* x, const void* residual, const float* w, void* out, void* h_out, int64_t rows,
@@ -132,6 +249,24 @@ void rope_cache(void* q, const void* k, const void* v, const void* cos_t, const 
         static_cast<const __half*>(cos_t), static_cast<const __half*>(sin_t), static_cast<__half*>(k_cache),
         static_cast<__half*>(v_cache), pos, start, (int)T, (int)H, (int)Hkv, (int)D, max_len);
     check_launch("rope_cache");
+}
+
+void decode_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* out,
+                      int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int sms, uintptr_t stream) {
+    if (B * H <= 0) return;
+    // Enough blocks for ~2 per SM, at least 16 keys each; a power of two up to 16 (the cluster).
+    int S = (int)std::min<int64_t>(16, std::max<int64_t>(1, cdiv(2LL * sms, B * H)));
+    S = (int)std::min<int64_t>(S, std::max<int64_t>(1, L / 16));
+    while (S & (S - 1)) S &= S - 1;
+    const int chunk = (int)cdiv(L, S);
+    const size_t smem = (size_t)(D + ATT_THREADS + ATT_THREADS / 32 + 2 + 2 + D) * sizeof(float);
+    auto kern = decode_attention_kernel;
+    if (S > 8)
+        check(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "decode_attention");
+    launch_k_split(kern, dim3((unsigned)(B * H), (unsigned)S, 1), ATT_THREADS, smem, as_stream(stream), S,
+                   "decode_attention", false, static_cast<const __half*>(q), static_cast<const __half*>(k_cache),
+                   static_cast<const __half*>(v_cache), pos, static_cast<__half*>(out), (int)H, (int)Hkv, (int)D, L,
+                   chunk, (float)(1.0 / std::sqrt((double)D)));
 }
 
 void silu_mul(const void* g, const void* u, void* out, int64_t n, uintptr_t stream) {
