@@ -63,6 +63,69 @@ __global__ void __launch_bounds__(NORM_THREADS) rms_norm_kernel(const __half* __
     for (int i = threadIdx.x; i < dim; i += NORM_THREADS) o[i] = __float2half_rn(__half2float(src[i]) * inv * w[i]);
 }
 
+// The same with the row held in registers: each thread owns up to V chunks of 8 halves (16-byte
+// loads and stores), so the row is read once. dim % 8 == 0 and 16-byte aligned rows; dim <= V * 8 * 256.
+template <int V>
+__global__ void __launch_bounds__(NORM_THREADS) rms_norm_vec_kernel(const __half* __restrict__ x,
+                                                                    const __half* __restrict__ r,
+                                                                    const float* __restrict__ w,
+                                                                    __half* __restrict__ out, __half* h_out, int dim,
+                                                                    float eps) {
+    grid_dependents_launch();
+    const int64_t row = blockIdx.x;
+    const int chunks = dim / 8;
+    uint4 h[V];
+    float ss = 0.0f;
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+        const int i = threadIdx.x + c * NORM_THREADS;
+        if (i >= chunks) break;
+        const int64_t off = row * chunks + i;
+        h[c] = reinterpret_cast<const uint4*>(x)[off];
+        __half2* hv = reinterpret_cast<__half2*>(&h[c]);
+        if (r) {
+            const uint4 rv = reinterpret_cast<const uint4*>(r)[off];
+            const __half2* rh = reinterpret_cast<const __half2*>(&rv);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float2 a = __half22float2(hv[e]), b = __half22float2(rh[e]);
+                hv[e] = __floats2half2_rn(a.x + b.x, a.y + b.y);
+            }
+            reinterpret_cast<uint4*>(h_out)[off] = h[c];
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 f = __half22float2(hv[e]);
+            ss += f.x * f.x + f.y * f.y;
+        }
+    }
+    __shared__ float part[NORM_THREADS / 32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float tot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NORM_THREADS / 32; ++i) tot += part[i];
+    const float inv = rsqrtf(tot / (float)dim + eps);
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+        const int i = threadIdx.x + c * NORM_THREADS;
+        if (i >= chunks) break;
+        const float4 w0 = reinterpret_cast<const float4*>(w)[2 * i], w1 = reinterpret_cast<const float4*>(w)[2 * i + 1];
+        const float ws[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+        const __half2* hv = reinterpret_cast<const __half2*>(&h[c]);
+        uint4 o;
+        __half2* ov = reinterpret_cast<__half2*>(&o);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 f = __half22float2(hv[e]);
+            ov[e] = __floats2half2_rn(f.x * inv * ws[2 * e], f.y * inv * ws[2 * e + 1]);
+        }
+        reinterpret_cast<uint4*>(out)[row * chunks + i] = o;
+    }
+}
+
 // rotate-half RoPE of element i of a head: f16(f16(x[i] * cos[i]) + x[(i + D/2) % D] * sin[i]).
 __device__ __forceinline__ __half rope_at(const __half* head, const __half* cs, const __half* sn, int i, int D) {
     const int j = i < D / 2 ? i + D / 2 : i - D / 2;
@@ -233,9 +296,25 @@ __global__ void __launch_bounds__(ATT_THREADS) decode_attention_kernel(
 void rms_norm(const void* x, const void* residual, const float* w, void* out, void* h_out, int64_t rows,
               int64_t dim, float eps, uintptr_t stream) {
     if (rows <= 0) return;
-    rms_norm_kernel<<<(unsigned)rows, NORM_THREADS, 0, as_stream(stream)>>>(
-        static_cast<const __half*>(x), static_cast<const __half*>(residual), w, static_cast<__half*>(out),
-        static_cast<__half*>(h_out), (int)dim, eps);
+    const __half* xh = static_cast<const __half*>(x);
+    const __half* rh = static_cast<const __half*>(residual);
+    __half* oh = static_cast<__half*>(out);
+    __half* hh = static_cast<__half*>(h_out);
+    auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    const bool vec = dim % 8 == 0 && aligned(x) && aligned(out) && aligned(w) && (!residual || (aligned(residual) && aligned(h_out)));
+    const int per = (int)cdiv(dim / 8, NORM_THREADS);  // chunks of 8 per thread
+    const cudaStream_t st = as_stream(stream);
+    const unsigned g = (unsigned)rows;
+    if (vec && per <= 1)
+        rms_norm_vec_kernel<1><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+    else if (vec && per <= 2)
+        rms_norm_vec_kernel<2><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+    else if (vec && per <= 4)
+        rms_norm_vec_kernel<4><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+    else if (vec && per <= 8)
+        rms_norm_vec_kernel<8><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+    else
+        rms_norm_kernel<<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
     check_launch("rms_norm");
 }
 
