@@ -334,12 +334,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     // 2. Stream the units, one run of equal bit width at a time (the width is a template argument
     // inside a run, so the decoding is straight-line code).
     float acc[4][NT][4], tmp[4][NT][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int tau = 0; tau < NT; ++tau)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][tau][e] = tmp[i][tau][e] = 0.0f;
+    zero_tiles(acc);
+    zero_tiles(tmp);
     if (active) {
         const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
         Ring ring{stages, stages_s, stage_words, sc_off, 0, GV_STAGES - 1};

@@ -185,12 +185,8 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
     __syncthreads();
 
     float acc[4][NT][4], tmp[4][NT][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int tau = 0; tau < NT; ++tau)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][tau][e] = tmp[i][tau][e] = 0.0f;
+    zero_tiles(acc);
+    zero_tiles(tmp);
 
     const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
     for (int u = wu0; u < wu1; u += TC_STAGES) {

@@ -123,6 +123,17 @@ __device__ __forceinline__ void mma_unit(const Stage& st, int t, const uint4 (&x
     }
 }
 
+// The accumulator tiles of a lane: 4 column tiles x NT token tiles x 4 mma outputs.
+template <int NT>
+__device__ __forceinline__ void zero_tiles(float (&a)[4][NT][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int tau = 0; tau < NT; ++tau)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) a[i][tau][e] = 0.0f;
+}
+
 // End of a group: acc += tmp * the lane's per-column scales, then tmp = 0. The scale is the
 // loader's fp16 value half(s*s) * (half(scale_max) * half(1/256)); sc are the lane's two q_scale
 // words (columns base + 4*gid + 0..3 and base + 32 + 4*gid + 0..3).
