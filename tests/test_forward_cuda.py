@@ -120,6 +120,20 @@ def test_model_fused_and_torch_forms_agree(tiny_model, monkeypatch):
     torch.testing.assert_close(outs[0], full, rtol=2e-2, atol=2e-2)  # cached chunks = one pass
 
 
+def test_qwen2_with_qkv_bias_fused_and_torch_forms_agree(tmp_path, monkeypatch):
+    """Biases on q/k/v (Qwen2) go through the fused path too: added before RoPE and the cache."""
+    root = make_tiny_llama(tmp_path / "qwen", layers=2, hidden=128, intermediate=256, heads=4, kv_heads=2, vocab=256,
+                           arch="Qwen2ForCausalLM", qkv_bias=True, tokenizer=False)
+    model, _ = load_model(root, device=DEV)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(forward, "FUSED", fused)
+        cache = model.new_cache(1, 16)
+        outs.append(torch.cat([model(ids[:, :5], cache)] + [model(ids[:, t : t + 1], cache) for t in range(5, 9)], 1))
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=2e-2, atol=2e-2)
+
+
 def test_graph_decode_matches_eager(tiny_model):
     prompt = list(range(1, 17))
     a = generate(tiny_model, None, prompt, 24, stop_at_eos=False, cuda_graph=True)
