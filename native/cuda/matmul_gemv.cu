@@ -358,21 +358,19 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
         cp_async_wait<0>();
     }
 
-    // 3. Output. Lane element e of tile i, token tile tau: token 8 tau + 2t + (e & 1), column
-    // k = 2i + (e >> 1) of the lane.
-    auto col_of = [&](int i, int e) {
-        const int k = 2 * i + (e >> 1);
-        return (k < 4 ? 0 : 32) + 4 * gid + (k & 3);
-    };
+    // 3. Output (each_lane_out: the token and column of each of the lane's sums).
     if (a.ks == 1) {
         if (!active) return;
+        // The same walk as each_lane_out, written out: through it the compiler schedules these
+        // stores differently, and that version has not been timed.
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
             for (int tau = 0; tau < NT; ++tau)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const int m = 8 * tau + 2 * t + (e & 1), n = col_base + col_of(i, e);
+                    const int m = 8 * tau + 2 * t + (e & 1), k = 2 * i + (e >> 1);
+                    const int n = col_base + (k < 4 ? 0 : 32) + 4 * gid + (k & 3);
                     if (m < a.M && n < N) y[(int64_t)m * N + n] = __float2half_rn(acc[i][tau][e]);
                 }
         return;
@@ -380,15 +378,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     float* part = cus + (size_t)nu_max * 8 * NT;  // [M][W * 64]
     const int NO = a.M * W * GV_COLS;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int tau = 0; tau < NT; ++tau)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int m = 8 * tau + 2 * t + (e & 1);
-                if (m < a.M) part[m * W * GV_COLS + warp * GV_COLS + col_of(i, e)] = acc[i][tau][e];
-            }
+    each_lane_out(acc, t, gid, a.M, [&](int m, int c, float v) { part[m * W * GV_COLS + warp * GV_COLS + c] = v; });
     cluster_reduce(part, NO, a.ks, nthr, [&](int i, float sum) {
         const int m = i / (W * GV_COLS), n = bx * W * GV_COLS + i % (W * GV_COLS);
         if (n < N) y[(int64_t)m * N + n] = __float2half_rn(sum);
