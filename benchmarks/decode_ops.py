@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sbs_common as sc  # noqa: E402
 from random_llama import write_random_llama  # noqa: E402
 
 from exl2build.model.load import load_model  # noqa: E402
@@ -191,16 +192,8 @@ def main() -> int:
               f"others {total - mm} ({(total - mm) / cfg.num_layers:.1f} per layer)")
         for k, n in ops.most_common(20):
             print(f"  {n:5d} {k}")
-    times = []
-    for _ in range(args.steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    print(f"median step {1e3 * statistics.median(times):.2f} ms (eager, {cfg.num_layers} layers)")
+    t_step, _ = sc.timed(torch, dev, lambda: None, step, args.steps)
+    print(f"median step {1e3 * t_step:.2f} ms (eager, {cfg.num_layers} layers)")
     if dev.type == "cuda":
         from kernels import copy_bandwidth
 

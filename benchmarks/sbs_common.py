@@ -317,6 +317,21 @@ def bench_kernels():
     return mod
 
 
+def timed(torch, dev, setup, fn, reps):
+    """(median seconds, all seconds) of fn() over reps runs, each after setup(), synchronized on CUDA."""
+    ts = []
+    for _ in range(reps):
+        setup()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), ts
+
+
 def median_rate(fn, runs: int, warmup: int) -> tuple[float, list[float]]:
     for _ in range(warmup):
         fn()

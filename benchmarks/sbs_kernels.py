@@ -234,19 +234,6 @@ def rel_loss(W0, Q, H) -> float:
     return float((E * (H @ E)).sum() / (W0 * (H @ W0)).sum())
 
 
-def timed(torch, dev, setup, fn, reps):
-    ts = []
-    for _ in range(reps):
-        setup()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts), ts
-
 
 def gptq_compare(torch, a, dev, K, N) -> dict:
     from exl2build import kernels
@@ -266,7 +253,7 @@ def gptq_compare(torch, a, dev, K, N) -> dict:
             if e < K:
                 W[e:] -= torch.matmul(U[s:e, e:].T, err)
 
-    t, ts = timed(torch, dev, lambda: W.copy_(W0), ours_loop, reps)
+    t, ts = sc.timed(torch, dev, lambda: W.copy_(W0), ours_loop, reps)
     out.update(ours_loop_s=t, ours_loop_runs=ts, ours_loop_rows_per_s=K / t, ours_loop_rel_loss=rel_loss(W0, W, H))
     print(f"gptq loop K={K} N={N}: ours {t * 1e3:.1f} ms ({K / t:.0f} rows/s)", flush=True)
 
@@ -278,7 +265,7 @@ def gptq_compare(torch, a, dev, K, N) -> dict:
     def ours_whole():
         box["qt"], box["deq"] = quantize_linear(layer_w, H, opt, ss, name="bench")
 
-    t, ts = timed(torch, dev, lambda: None, ours_whole, reps)
+    t, ts = sc.timed(torch, dev, lambda: None, ours_whole, reps)
     out.update(ours_linear_s=t, ours_linear_runs=ts,
                ours_linear_rel_loss=rel_loss(W0, box["deq"].T.float(), H))
     print(f"gptq linear K={K} N={N}: ours quantize_linear {t * 1e3:.1f} ms", flush=True)
@@ -322,7 +309,7 @@ def _theirs_gptq(torch, a, dev, K, N, W0, W, H, U, out, box, layer_w, reps, Adap
             quantizer.find_params(W[s:e, :])
             ext_c.quantize_range(quant, quantizer.scale, qweight, quantizer.qzero, quantizer.maxq, U, W, error, s, e)
 
-    t, ts = timed(torch, dev, setup_theirs, theirs_loop, reps)
+    t, ts = sc.timed(torch, dev, setup_theirs, theirs_loop, reps)
     out.update(exl2_loop_s=t, exl2_loop_runs=ts, exl2_loop_rows_per_s=K / t, exl2_loop_rel_loss=rel_loss(W0, quant, H))
     out["exl2_loop_over_ours"] = out["exl2_loop_s"] / out["ours_loop_s"]
     print(f"gptq loop K={K} N={N}: exllamav2 {t * 1e3:.1f} ms ({K / t:.0f} rows/s)", flush=True)
@@ -343,7 +330,7 @@ def _theirs_gptq(torch, a, dev, K, N, W0, W, H, U, out, box, layer_w, reps, Adap
             lq.pack("bench", QParams({4: GROUP}, [4], [1], 4))
             box["exl2_quant"] = lq.quant[lq.invperm, :].clone()  # dequantized W^T in original row order
 
-    t, ts = timed(torch, dev, lambda: None, theirs_whole, reps)
+    t, ts = sc.timed(torch, dev, lambda: None, theirs_whole, reps)
     out.update(exl2_linear_s=t, exl2_linear_runs=ts, exl2_linear_rel_loss=rel_loss(W0, box["exl2_quant"].float(), H))
     out["exl2_linear_over_ours"] = out["exl2_linear_s"] / out["ours_linear_s"]
     print(f"gptq linear K={K} N={N}: exllamav2 AdaptiveGPTQ {t * 1e3:.1f} ms", flush=True)

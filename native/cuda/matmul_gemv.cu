@@ -358,10 +358,11 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
         cp_async_wait<0>();
     }
 
-    // 3. Output. Lane element e of tile i, token tile tau: token 8 tau + 2t + (e & 1), column
-    // k = 2i + (e >> 1) of the lane.
-    // each_out(f): f(token, column within the warp's 64, value) for the lane's outputs of real tokens
-    auto each_out = [&](auto f) {
+    // 3. Output (each_lane_out: the token and column of each of the lane's sums).
+    if (a.ks == 1) {
+        if (!active) return;
+        // The same walk as each_lane_out, written out: through it the compiler schedules these
+        // stores differently, and that version has not been timed.
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -369,20 +370,15 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int m = 8 * tau + 2 * t + (e & 1), k = 2 * i + (e >> 1);
-                    if (m < a.M) f(m, (k < 4 ? 0 : 32) + 4 * gid + (k & 3), acc[i][tau][e]);
+                    const int n = col_base + (k < 4 ? 0 : 32) + 4 * gid + (k & 3);
+                    if (m < a.M && n < N) y[(int64_t)m * N + n] = __float2half_rn(acc[i][tau][e]);
                 }
-    };
-    if (a.ks == 1) {
-        if (!active) return;
-        each_out([&](int m, int c, float v) {
-            if (col_base + c < N) y[(int64_t)m * N + col_base + c] = __float2half_rn(v);
-        });
         return;
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     float* part = cus + (size_t)nu_max * 8 * NT;  // [M][W * 64]
     const int NO = a.M * W * GV_COLS;
-    each_out([&](int m, int c, float v) { part[m * W * GV_COLS + warp * GV_COLS + c] = v; });
+    each_lane_out(acc, t, gid, a.M, [&](int m, int c, float v) { part[m * W * GV_COLS + warp * GV_COLS + c] = v; });
     cluster_reduce(part, NO, a.ks, nthr, [&](int i, float sum) {
         const int m = i / (W * GV_COLS), n = bx * W * GV_COLS + i % (W * GV_COLS);
         if (n < N) y[(int64_t)m * N + n] = __float2half_rn(sum);

@@ -222,17 +222,7 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
     __syncthreads();
     float* red = reinterpret_cast<float*>(xs);  // [warp][MT][64]
     constexpr int NO = MT * TC_COLS;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int tau = 0; tau < NT; ++tau)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int m = 8 * tau + 2 * t + (e & 1);
-                const int k = 2 * i + (e >> 1);  // the lane's column k: chunk k / 4, word k % 4
-                const int col = (k < 4 ? 0 : 32) + 4 * gid + (k & 3);
-                if (m < MT) red[(warp * MT + m) * TC_COLS + col] = acc[i][tau][e];
-            }
+    each_lane_out(acc, t, gid, MT, [&](int m, int c, float v) { red[(warp * MT + m) * TC_COLS + c] = v; });
     __syncthreads();
     float* part = red + TC_WARPS * NO;
     for (int i = threadIdx.x; i < NO; i += TC_THREADS) {

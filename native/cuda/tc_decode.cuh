@@ -134,6 +134,22 @@ __device__ __forceinline__ void zero_tiles(float (&a)[4][NT][4]) {
             for (int e = 0; e < 4; ++e) a[i][tau][e] = 0.0f;
 }
 
+// f(token, column, value) for each of a lane's accumulator elements with token < M: element e of
+// column tile i and token tile tau is token 8 tau + 2t + (e & 1) and the lane's column k = 2i + (e >> 1),
+// i.e. chunk k / 4, word k % 4 of the 64 columns.
+template <int NT, class F>
+__device__ __forceinline__ void each_lane_out(const float (&acc)[4][NT][4], int t, int gid, int M, F f) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int tau = 0; tau < NT; ++tau)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int m = 8 * tau + 2 * t + (e & 1), k = 2 * i + (e >> 1);
+                if (m < M) f(m, (k < 4 ? 0 : 32) + 4 * gid + (k & 3), acc[i][tau][e]);
+            }
+}
+
 // End of a group: acc += tmp * the lane's per-column scales, then tmp = 0. The scale is the
 // loader's fp16 value half(s*s) * (half(scale_max) * half(1/256)); sc are the lane's two q_scale
 // words (columns base + 4*gid + 0..3 and base + 32 + 4*gid + 0..3).
