@@ -26,6 +26,10 @@ def compute_dtype_for(device: torch.device | str) -> torch.dtype:
 # f16 CUDA tensors; everything else runs the torch forms in kernels_ref.py. Tests turn FUSED off
 # to compare the two.
 FUSED = True
+# The CUDA-graph decode step's attention through kernels.decode_attention (split over the
+# sequence, reads only the keys stored so far) instead of SDPA with a mask over the whole cache.
+# Off for the A/B in benchmarks/decode_ops.py --sdpa.
+DECODE_ATTENTION = True
 
 
 def _ops(x: torch.Tensor):
@@ -280,7 +284,7 @@ class Attention(nn.Module):
             elif cache is not None:
                 k, v = cache.store(self.layer_idx, k, v)
         gqa = H != Hkv
-        if static and T == 1 and _ops(x) is kernels and kernels.decode_attention_applies(x, k):
+        if static and T == 1 and DECODE_ATTENTION and _ops(x) is kernels and kernels.decode_attention_applies(x, k):
             # One kernel over the keys stored so far, split over the sequence (CUDA-graph decode).
             o = kernels.decode_attention(q.transpose(1, 2).reshape(B, 1, H * D), k, v, cache.pos_t)
             return self.o_proj(o)
