@@ -65,6 +65,9 @@ def test_silu_mul_bit_exact(n):
     (2, 9, 3, 64, 64, 40),  # GQA, SmolLM2's heads
     (1, 8, 2, 128, 4096, 3000),  # more keys per block than threads: several batches per block
     (3, 4, 4, 32, 20, 19),
+    (1, 4, 2, 128, 100, 99),  # two query heads per block
+    (2, 8, 2, 64, 300, 150),  # four query heads per block, two sequences
+    (1, 6, 2, 96, 50, 33),  # a head_dim that leaves lanes of a key row idle
 ])
 def test_decode_attention_matches_sdpa(B, H, Hkv, D, L, pos):
     q = rand(B, 1, H * D, seed=11)
