@@ -17,7 +17,7 @@ of a replayed CUDA graph (what `generate` does) against the bandwidth limit: byt
 decoder's and head's weights / the copy bandwidth measured in the same run.
 
 Usage: python benchmarks/decode_ops.py [--device cpu|cuda] [--preset smollm2|llama2-7b] [--layers N]
-       [--exl2 4.0] [--steps 5]
+       [--exl2 4.0] [--steps 5] [--cache-len 272 --start 16] [--sdpa]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sbs_common as sc  # noqa: E402
 from random_llama import write_random_llama  # noqa: E402
 
+from exl2build.model import forward  # noqa: E402
 from exl2build.model.load import load_model  # noqa: E402
 
 # Operators that only make views or read metadata: no kernel.
@@ -103,16 +104,16 @@ def kernel_times(prof) -> list[tuple[str, int, float]]:
     return sorted(((k, n, t) for k, (n, t) in agg.items()), key=lambda r: -r[2])
 
 
-def graph_step_seconds(model, cache, steps: int = 50) -> float:
-    """Median seconds per decode step replaying the captured graph `generate` uses."""
+def graph_step_seconds(model, cache, start: int, steps: int = 50) -> float:
+    """Median seconds per decode step replaying the captured graph `generate` uses, from position `start`."""
     from exl2build.model.generate import GraphDecoder
 
-    cache.length = 16
+    cache.length = start
     dec = GraphDecoder(model, cache)
     ids = torch.tensor([5], device=model.device)
     times = []
     for _ in range(5):
-        cache.length = 16
+        cache.length = start
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -142,7 +143,11 @@ def main() -> int:
     ap.add_argument("--exl2", type=float, help="make the decoder's linears random EXL2 tensors of this bpw ")
     ap.add_argument("--cache-len", type=int, default=272, help="KV cache length (16-token prompt + 256 new)")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--start", type=int, default=16, help="position of the first timed step (attention reads this many keys)")
+    ap.add_argument("--sdpa", action="store_true", help="attention through SDPA with a mask, not decode_attention")
     args = ap.parse_args()
+    if args.sdpa:
+        forward.DECODE_ATTENTION = False
     dev = torch.device(args.device)
     dims = dict(PRESETS[args.preset])
     if args.layers:
@@ -158,7 +163,10 @@ def main() -> int:
         quantize_linears(model, args.exl2)
     cache = model.new_cache(1, args.cache_len)
     model(torch.tensor([[1, 2, 3, 4]]), cache)  # a prompt, then static decode steps
-    cache.pos_t = torch.full((1,), cache.length, dtype=torch.long, device=dev)
+    if not 4 <= args.start <= args.cache_len - 60:
+        ap.error(f"--start {args.start}: must lie in 4..{args.cache_len - 60} (the cache holds {args.cache_len})")
+    model.rotary.ensure(args.cache_len)  # as GraphDecoder does: static steps gather rows on the device
+    cache.pos_t = torch.full((1,), args.start, dtype=torch.long, device=dev)
     ids = torch.tensor([[5]], device=dev)
 
     def step():
@@ -199,7 +207,7 @@ def main() -> int:
 
         bw = copy_bandwidth()
         limit = weight_bytes(model) / bw
-        t = graph_step_seconds(model, cache)
+        t = graph_step_seconds(model, cache, args.start)
         print(f"CUDA graph step {1e3 * t:.3f} ms = {1 / t:.1f} tok/s; weights {weight_bytes(model) / 1e9:.3f} GB, "
               f"copy bandwidth {bw / 1e9:.0f} GB/s -> limit {1e3 * limit:.3f} ms = {1 / limit:.0f} tok/s "
               f"({100 * limit / t:.1f} % of the limit)")

@@ -449,6 +449,21 @@ def sanitize_pass():
     lp = torch.log_softmax(torch.randn(5, 3001, device="cuda"), 1).topk(8, 1)
     kernels.logit_stats(logits, t, lp.indices.int().contiguous(), lp.values.contiguous())
     kernels.logit_stats(logits.float(), t)
+    # The forward pass's fused kernels: norms (rows of 576 and 4096, with and without a residual),
+    # RoPE + cache writes, SiLU*up, and decode attention (GQA; one and several key batches per block).
+    for dim in (576, 4096):
+        h = torch.randn(3, dim, device="cuda").half()
+        wf = torch.rand(dim, device="cuda")
+        kernels.rms_norm(h, wf, 1e-5)
+        kernels.rms_norm(h, wf, 1e-5, residual=torch.randn_like(h))
+    B, T, H, Hkv, D, L = 2, 3, 8, 2, 64, 600
+    q, k, v = (torch.randn(B, T, n * D, device="cuda").half() for n in (H, Hkv, Hkv))
+    kc, vc = (torch.randn(B, Hkv, L, D, device="cuda").half() for _ in range(2))
+    cos, sin = torch.randn(T, D, device="cuda").half(), torch.randn(T, D, device="cuda").half()
+    kernels.rope_cache(q, k, v, cos, sin, kc, vc, 5)
+    kernels.silu_mul(k, v)
+    for pos in (0, 37, L - 1):
+        kernels.decode_attention(q[:, :1].contiguous(), kc, vc, torch.tensor([pos], device="cuda"))
     torch.cuda.synchronize()
     print("sanitize pass done")
 

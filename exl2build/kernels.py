@@ -508,6 +508,43 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
               k_cache.data_ptr(), v_cache.data_ptr(), pos_ptr, start, B, T, H, Hkv, D, max_len)
 
 
+DECODE_ATTENTION_MAX_HEAD_DIM = 128
+
+
+def decode_attention_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention` serves this shape (head_dim a multiple of 8 up to 128, one token)."""
+    D = k_cache.shape[-1]
+    return forward_ops_available(q) and q.dim() == 3 and q.shape[1] == 1 and D % 8 == 0 and \
+        D <= DECODE_ATTENTION_MAX_HEAD_DIM
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for one query token per sequence over keys 0..pos[0] of the cache.
+
+    q [B, 1, H*D] (the rows of that token, roped), caches [B, Hkv, max_len, D], pos a device
+    LongTensor [1] (the token's position, already stored); returns [B, 1, H*D] f16.
+    """
+    _check_f16_cuda("q", q)
+    dev = q.device
+    _check_f16_cuda("k_cache", k_cache, device=dev)
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache: expected [B, kv_heads, max_len, head_dim], got shape {tuple(k_cache.shape)}")
+    B, Hkv, L, D = k_cache.shape
+    if not decode_attention_applies(q, k_cache) or q.shape[0] != B or q.shape[2] % D:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} do not fit (one "
+                         f"token, same batch, a head_dim multiple of 8 up to {DECODE_ATTENTION_MAX_HEAD_DIM})")
+    H = q.shape[2] // D
+    if H % Hkv:
+        raise ValueError(f"decode_attention: {H} query heads are not a multiple of {Hkv} kv heads")
+    _check_f16_cuda("v_cache", v_cache, shape=k_cache.shape, device=dev)
+    _check("pos", pos, torch.int64, shape=(1,), device=dev)
+    out = torch.empty_like(q)
+    if B:
+        _call("decode_attention", dev, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr(),
+              out.data_ptr(), B, H, Hkv, D, L)
+    return out
+
+
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """silu(g) * u in f16 (the SwiGLU MLP's middle)."""
     _check_f16_cuda("g", g)

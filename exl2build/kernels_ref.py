@@ -225,5 +225,14 @@ def rope_cache(q, k, v, cos, sin, k_cache, v_cache, pos) -> None:
     v_cache.index_copy_(2, idx, v.view(B, T, Hkv, D).transpose(1, 2))
 
 
+def decode_attention(q, k_cache, v_cache, pos) -> torch.Tensor:
+    B, _, HD = q.shape
+    Hkv, L, D = k_cache.shape[1:]
+    qh = q.view(B, 1, HD // D, D).transpose(1, 2)
+    mask = torch.arange(L, device=q.device)[None, :] <= pos[:, None]
+    o = F.scaled_dot_product_attention(qh, k_cache, v_cache, attn_mask=mask, enable_gqa=HD // D != Hkv)
+    return o.transpose(1, 2).reshape(B, 1, HD)
+
+
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u

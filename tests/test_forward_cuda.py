@@ -60,6 +60,27 @@ def test_silu_mul_bit_exact(n):
     assert torch.equal(kernels.silu_mul(g, u), kernels_ref.silu_mul(g, u))
 
 
+@pytest.mark.parametrize("B,H,Hkv,D,L,pos", [
+    (1, 32, 32, 128, 272, 0), (1, 32, 32, 128, 272, 17), (1, 32, 32, 128, 272, 271),
+    (2, 9, 3, 64, 64, 40),  # GQA, SmolLM2's heads
+    (1, 8, 2, 128, 4096, 3000),  # more keys per block than threads: several batches per block
+    (3, 4, 4, 32, 20, 19),
+    (1, 4, 2, 128, 100, 99),  # two query heads per block
+    (2, 8, 2, 64, 300, 150),  # four query heads per block, two sequences
+    (1, 6, 2, 96, 50, 33),  # a head_dim that leaves lanes of a key row idle
+])
+def test_decode_attention_matches_sdpa(B, H, Hkv, D, L, pos):
+    q = rand(B, 1, H * D, seed=11)
+    kc, vc = rand(B, Hkv, L, D, seed=12), rand(B, Hkv, L, D, seed=13)
+    p = torch.tensor([pos], device=DEV)
+    out = kernels.decode_attention(q, kc, vc, p)
+    ref = kernels_ref.decode_attention(q, kc, vc, p)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=2e-3)
+    kc[:, :, pos + 1 :] = float("nan")  # keys and values past the position must not be read
+    vc[:, :, pos + 1 :] = float("nan")
+    assert torch.equal(kernels.decode_attention(q, kc, vc, p), out)
+
+
 def test_forward_ops_reject_what_they_cannot_run():
     with pytest.raises(ValueError, match="CUDA only"):
         kernels.silu_mul(torch.zeros(4, dtype=torch.float16), torch.zeros(4, dtype=torch.float16))
@@ -70,6 +91,10 @@ def test_forward_ops_reject_what_they_cannot_run():
     cs = torch.zeros(1, 64, dtype=torch.float16, device=DEV)
     with pytest.raises(ValueError, match="do not fit a cache of 4"):
         kernels.rope_cache(q, q, q, cs, cs, kc, kc.clone(), 4)
+    big = torch.zeros(1, 1, 4, 256, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="head_dim multiple of 8 up to 128"):
+        kernels.decode_attention(torch.zeros(1, 1, 256, dtype=torch.float16, device=DEV), big, big,
+                                 torch.zeros(1, dtype=torch.long, device=DEV))
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,10 @@ def compute_dtype_for(device: torch.device | str) -> torch.dtype:
 # f16 CUDA tensors; everything else runs the torch forms in kernels_ref.py. Tests turn FUSED off
 # to compare the two.
 FUSED = True
+# The CUDA-graph decode step's attention through kernels.decode_attention (split over the
+# sequence, reads only the keys stored so far) instead of SDPA with a mask over the whole cache.
+# Off for the A/B in benchmarks/decode_ops.py --sdpa.
+DECODE_ATTENTION = True
 
 
 def _ops(x: torch.Tensor):
@@ -193,13 +197,21 @@ class KVCache:
         # Static mode (CUDA graph decode): positions live on the device and attention runs over
         # the whole buffer with a mask, so one captured step serves every position.
         self.pos_t: torch.Tensor | None = None  # LongTensor [T] of the positions being written
-        self.mask: torch.Tensor | None = None  # additive [T, max_len] (0 / -inf), set by Model.hidden
+        self.mask: torch.Tensor | None = None  # additive [T, max_len] (0 / -inf) of this step, see step_mask
         self._arange: torch.Tensor | None = None
 
     def static_mask(self) -> torch.Tensor:
         if self._arange is None or self._arange.device != self.pos_t.device:
             self._arange = torch.arange(self.max_len, device=self.pos_t.device)
         return self._arange[None, :] <= self.pos_t[:, None]
+
+    def step_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The additive attention mask of this static step, made by the first layer that needs it
+        (Model.hidden clears it per call; with the decode-attention kernel no layer does)."""
+        if self.mask is None:
+            allowed = self.static_mask()
+            self.mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        return self.mask
 
     def store_static(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k[layer].index_copy_(2, self.pos_t, k)
@@ -272,8 +284,12 @@ class Attention(nn.Module):
             elif cache is not None:
                 k, v = cache.store(self.layer_idx, k, v)
         gqa = H != Hkv
+        if static and T == 1 and DECODE_ATTENTION and _ops(x) is kernels and kernels.decode_attention_applies(x, k):
+            # One kernel over the keys stored so far, split over the sequence (CUDA-graph decode).
+            o = kernels.decode_attention(q.transpose(1, 2).reshape(B, 1, H * D), k, v, cache.pos_t)
+            return self.o_proj(o)
         if static:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.step_mask(x.dtype), enable_gqa=gqa)
         elif past == 0:
             # Square causal mask; SDPA aligns is_causal top-left, so only valid without history.
             o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
@@ -370,12 +386,11 @@ class Model(nn.Module):
         pos = 0 if cache is None else cache.length
         static = cache is not None and cache.pos_t is not None
         # What every layer shares is made once per call: the rotary rows of these positions and,
-        # in static mode, the additive attention mask (a bool mask is converted inside every
-        # attention call otherwise).
+        # in static mode, the additive attention mask (KVCache.step_mask, when a layer needs it;
+        # a bool mask is converted inside every attention call otherwise).
         dtype = x.dtype
         if static:
-            allowed = cache.static_mask()
-            cache.mask = torch.zeros(allowed.shape, dtype=dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+            cache.mask = None
             rope = self.rotary.gather(cache.pos_t, dtype)
         else:
             rope = self.rotary.cos_sin(pos, ids.shape[1], dtype)

@@ -9,11 +9,16 @@
 //  * rope_cache: RoPE of q (in place) and k in the rotate-half form with a sign-folded sin
 //    table (f16(f16(x * cos) + x_rolled * sin), as torch's mul + addcmul), k and v stored into
 //    the KV cache at their positions;
-//  * silu_mul: f16(f16(silu(g)) * u), as torch's silu then mul.
+//  * silu_mul: f16(f16(silu(g)) * u), as torch's silu then mul;
+//  * decode_attention: softmax(q k^T / sqrt(D)) v of one new token over the stored keys, in f32
+//    (the CUDA-graph decode step's attention; SDPA's rounding differs, within 1e-2 relative).
 // Each lets the next kernel start at once (programmatic dependent launch): the matmul that follows
 // prefetches its weights while this one runs and waits for it before reading its output.
 // The norm's f32 sum runs in a different order than torch's, so its outputs may differ from
 // torch's in the last bit; rope_cache and silu_mul match torch bit for bit.
+
+#include <algorithm>
+#include <cmath>
 
 #include "common.cuh"
 #include "kernels_cuda.cuh"
@@ -58,6 +63,69 @@ __global__ void __launch_bounds__(NORM_THREADS) rms_norm_kernel(const __half* __
     const __half* src = rr ? hr : xr;
     __half* o = out + row * dim;
     for (int i = threadIdx.x; i < dim; i += NORM_THREADS) o[i] = __float2half_rn(__half2float(src[i]) * inv * w[i]);
+}
+
+// The same with the row held in registers: each thread owns up to V chunks of 8 halves (16-byte
+// loads and stores), so the row is read once. dim % 8 == 0 and 16-byte aligned rows; dim <= V * 8 * 256.
+template <int V>
+__global__ void __launch_bounds__(NORM_THREADS) rms_norm_vec_kernel(const __half* __restrict__ x,
+                                                                    const __half* __restrict__ r,
+                                                                    const float* __restrict__ w,
+                                                                    __half* __restrict__ out, __half* h_out, int dim,
+                                                                    float eps) {
+    grid_dependents_launch();
+    const int64_t row = blockIdx.x;
+    const int chunks = dim / 8;
+    uint4 h[V];
+    float ss = 0.0f;
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+        const int i = threadIdx.x + c * NORM_THREADS;
+        if (i >= chunks) break;
+        const int64_t off = row * chunks + i;
+        h[c] = reinterpret_cast<const uint4*>(x)[off];
+        __half2* hv = reinterpret_cast<__half2*>(&h[c]);
+        if (r) {
+            const uint4 rv = reinterpret_cast<const uint4*>(r)[off];
+            const __half2* rh = reinterpret_cast<const __half2*>(&rv);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float2 a = __half22float2(hv[e]), b = __half22float2(rh[e]);
+                hv[e] = __floats2half2_rn(a.x + b.x, a.y + b.y);
+            }
+            reinterpret_cast<uint4*>(h_out)[off] = h[c];
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 f = __half22float2(hv[e]);
+            ss += f.x * f.x + f.y * f.y;
+        }
+    }
+    __shared__ float part[NORM_THREADS / 32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    float tot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NORM_THREADS / 32; ++i) tot += part[i];
+    const float inv = rsqrtf(tot / (float)dim + eps);
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+        const int i = threadIdx.x + c * NORM_THREADS;
+        if (i >= chunks) break;
+        const float4 w0 = reinterpret_cast<const float4*>(w)[2 * i], w1 = reinterpret_cast<const float4*>(w)[2 * i + 1];
+        const float ws[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+        const __half2* hv = reinterpret_cast<const __half2*>(&h[c]);
+        uint4 o;
+        __half2* ov = reinterpret_cast<__half2*>(&o);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 f = __half22float2(hv[e]);
+            ov[e] = __floats2half2_rn(f.x * inv * ws[2 * e], f.y * inv * ws[2 * e + 1]);
+        }
+        reinterpret_cast<uint4*>(out)[row * chunks + i] = o;
+    }
 }
 
 // rotate-half RoPE of element i of a head: f16(f16(x[i] * cos[i]) + x[(i + D/2) % D] * sin[i]).
@@ -111,14 +179,238 @@ __global__ void silu_mul_kernel(const __half2* __restrict__ g, const __half2* __
     }
 }
 
+// Attention of one new token per sequence (batch-1 decode) over the KV cache, split over the
+// sequence (flash-decoding). Grid (B * H / GB, S), clusters of S blocks along y: a block serves GB
+// query heads that share one kv head (GQA: their keys and values are read once) and the s-th
+// of S slices of the n = pos[0] + 1 stored keys; the slices follow n, so a short sequence is not
+// left to one block. Inside a block, LPK lanes read one key row (16 bytes each, coalesced), the
+// warp's 32 / LPK lane groups take different keys, and every lane group keeps its own running
+// (max, sum, weighted values) for its 8 dims: no barrier in the key loop. The groups, warps and
+// then the S blocks (through distributed shared memory) are merged at the end in a fixed order.
+// SDPA with a mask was one block per head over the whole buffer (8 us per layer on 7B shapes at
+// 272 cached positions, 20 us at 2048). q [B, H, D] (roped), caches [B, Hkv, L, D], out [B, H, D].
+constexpr int ATT_WARPS = 4;
+constexpr int ATT_UNROLL = 4;  // keys per lane group in flight
+
+// (m, l, acc) of another part merged into this one (m = -inf: the part saw no key).
+__device__ __forceinline__ void att_merge(float& m, float& l, float (&acc)[8], float m2, float l2, const float (&acc2)[8]) {
+    const float M = fmaxf(m, m2);
+    const float a = M == -INFINITY ? 0.0f : exp2f(m - M), b = M == -INFINITY ? 0.0f : exp2f(m2 - M);
+    l = l * a + l2 * b;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = acc[e] * a + acc2[e] * b;
+    m = M;
+}
+
+template <int LPK, int GB>
+__global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_kernel(
+    const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
+    const int64_t* __restrict__ pos, __half* __restrict__ out, int H, int Hkv, int D, int64_t L, float qscale) {
+    constexpr int KPW = 32 / LPK, NG = ATT_WARPS * KPW;  // lane groups per warp and per block
+    // Shared: per warp and head (m, l, acc[D]); then the block's merged part, read by the cluster.
+    extern __shared__ __align__(16) float att_smem[];
+    float* wpart = att_smem;                           // [ATT_WARPS][GB][2 + D]
+    float* part = wpart + ATT_WARPS * GB * (2 + D);    // [GB][2 + D]
+    grid_dependents_launch();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane % LPK, grp = lane / LPK;
+    const int h0 = blockIdx.x * GB, b = h0 / H, kvh = (h0 % H) / (H / Hkv);
+    const int s = blockIdx.y, S = gridDim.y;
+    const bool dims = 8 * c < D;  // this lane's dims 8c .. 8c + 7
+    const __half* kh = k_cache + ((int64_t)b * Hkv + kvh) * L * D + 8 * c;
+    const __half* vh = v_cache + ((int64_t)b * Hkv + kvh) * L * D + 8 * c;
+
+    float qf[GB][8];  // q * scale * log2(e): the scores come out in base 2
+#pragma unroll
+    for (int g = 0; g < GB; ++g) {
+        uint4 w = make_uint4(0u, 0u, 0u, 0u);
+        if (dims) w = *reinterpret_cast<const uint4*>(q + (int64_t)(h0 + g) * D + 8 * c);
+        const __half2* hw = reinterpret_cast<const __half2*>(&w);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float2 f = __half22float2(hw[e]);
+            qf[g][2 * e] = f.x * qscale;
+            qf[g][2 * e + 1] = f.y * qscale;
+        }
+    }
+    const int64_t n = pos[0] + 1, chunk = (n + S - 1) / S;
+    const int64_t k0 = s * chunk, k1 = k0 + chunk < n ? k0 + chunk : n;
+
+    float m[GB], l[GB], acc[GB][8];
+#pragma unroll
+    for (int g = 0; g < GB; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = 0.0f;
+    }
+    // The trip count is the warp's (not the lane group's): the shuffles below need every lane.
+    for (int64_t wbase = k0 + warp * KPW; wbase < k1; wbase += (int64_t)NG * ATT_UNROLL) {
+        const int64_t base = wbase + grp;
+        uint4 kr[ATT_UNROLL], vr[ATT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; ++u) {
+            const int64_t j = base + (int64_t)u * NG;
+            const bool ok = dims && j < k1;
+            kr[u] = ok ? *reinterpret_cast<const uint4*>(kh + j * D) : make_uint4(0u, 0u, 0u, 0u);
+            vr[u] = ok ? *reinterpret_cast<const uint4*>(vh + j * D) : make_uint4(0u, 0u, 0u, 0u);
+        }
+        float sc[GB][ATT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ATT_UNROLL; ++u) {
+            const __half2* hk = reinterpret_cast<const __half2*>(&kr[u]);
+#pragma unroll
+            for (int g = 0; g < GB; ++g) {
+                float d = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 f = __half22float2(hk[e]);
+                    d = fmaf(f.x, qf[g][2 * e], fmaf(f.y, qf[g][2 * e + 1], d));
+                }
+#pragma unroll
+                for (int o = LPK / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                sc[g][u] = base + (int64_t)u * NG < k1 ? d : -INFINITY;
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GB; ++g) {
+            float mn = m[g];
+#pragma unroll
+            for (int u = 0; u < ATT_UNROLL; ++u) mn = fmaxf(mn, sc[g][u]);
+            if (mn == -INFINITY) continue;  // no valid key in this batch for this lane group
+            const float corr = exp2f(m[g] - mn);
+            l[g] *= corr;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[g][e] *= corr;
+#pragma unroll
+            for (int u = 0; u < ATT_UNROLL; ++u) {
+                const float p = exp2f(sc[g][u] - mn);
+                l[g] += p;
+                const __half2* hv = reinterpret_cast<const __half2*>(&vr[u]);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 f = __half22float2(hv[e]);
+                    acc[g][2 * e] = fmaf(p, f.x, acc[g][2 * e]);
+                    acc[g][2 * e + 1] = fmaf(p, f.y, acc[g][2 * e + 1]);
+                }
+            }
+            m[g] = mn;
+        }
+    }
+    // Merge the warp's lane groups (lanes with the same c hold the same dims), then the warps.
+#pragma unroll
+    for (int g = 0; g < GB; ++g) {
+#pragma unroll
+        for (int o = LPK; o < 32; o <<= 1) {
+            float acc2[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc2[e] = __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+            const float m2 = __shfl_xor_sync(0xffffffffu, m[g], o), l2 = __shfl_xor_sync(0xffffffffu, l[g], o);
+            att_merge(m[g], l[g], acc[g], m2, l2, acc2);
+        }
+        float* wp = wpart + (warp * GB + g) * (2 + D);
+        if (lane == 0) {
+            wp[0] = m[g];
+            wp[1] = l[g];
+        }
+        if (grp == 0 && dims)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) wp[2 + 8 * c + e] = acc[g][e];
+    }
+    __syncthreads();
+    // The block's part: (M, L) per head and acc rescaled to M, over the GB * D outputs.
+    for (int i = threadIdx.x; i < GB * D; i += ATT_WARPS * 32) {
+        const int g = i / D, d = i % D;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < ATT_WARPS; ++w) M = fmaxf(M, wpart[(w * GB + g) * (2 + D)]);
+        float Ls = 0.0f, a = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATT_WARPS; ++w) {
+            const float* wp = wpart + (w * GB + g) * (2 + D);
+            const float f = wp[0] == -INFINITY ? 0.0f : exp2f(wp[0] - M);
+            Ls += wp[1] * f;
+            a += wp[2 + d] * f;
+        }
+        if (S == 1) {
+            out[(int64_t)(h0 + g) * D + d] = __float2half_rn(a / Ls);
+        } else {
+            if (d == 0) {
+                part[g * (2 + D)] = M;
+                part[g * (2 + D) + 1] = Ls;
+            }
+            part[g * (2 + D) + 2 + d] = a;
+        }
+    }
+    if (S == 1) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    // Block s finishes outputs s, s + S, ...: all S parts merged in rank order.
+    for (int i = s + S * (int)threadIdx.x; i < GB * D; i += S * ATT_WARPS * 32) {
+        const int g = i / D, d = i % D;
+        float M = -INFINITY;
+        for (int r = 0; r < S; ++r) M = fmaxf(M, cl.map_shared_rank(part, r)[g * (2 + D)]);
+        float Ls = 0.0f, a = 0.0f;
+        for (int r = 0; r < S; ++r) {
+            const float* pr = cl.map_shared_rank(part, r) + g * (2 + D);
+            const float f = pr[0] == -INFINITY ? 0.0f : exp2f(pr[0] - M);
+            Ls += pr[1] * f;
+            a += pr[2 + d] * f;
+        }
+        out[(int64_t)(h0 + g) * D + d] = __float2half_rn(a / Ls);
+    }
+    cl.sync();  // keep this block's shared memory alive until every block has read it
+#endif
+}
+
+template <int LPK, int GB>
+void launch_decode_attention(const __half* q, const __half* kc, const __half* vc, const int64_t* pos, __half* out,
+                             int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int S, cudaStream_t st) {
+    auto kern = decode_attention_kernel<LPK, GB>;
+    const size_t smem = (size_t)(ATT_WARPS + 1) * GB * (2 + D) * sizeof(float);
+    if (S > 8)
+        check(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "decode_attention");
+    launch_k_split(kern, dim3((unsigned)(B * H / GB), (unsigned)S, 1), ATT_WARPS * 32, smem, st, S,
+                   "decode_attention", false, q, kc, vc, pos, out, (int)H, (int)Hkv, (int)D, L,
+                   (float)(1.4426950408889634 / std::sqrt((double)D)));
+}
+
+template <int LPK>
+void decode_attention_lpk(const __half* q, const __half* kc, const __half* vc, const int64_t* pos, __half* out,
+                          int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int GB, int S, cudaStream_t st) {
+    if (GB == 4)
+        launch_decode_attention<LPK, 4>(q, kc, vc, pos, out, B, H, Hkv, D, L, S, st);
+    else if (GB == 2)
+        launch_decode_attention<LPK, 2>(q, kc, vc, pos, out, B, H, Hkv, D, L, S, st);
+    else
+        launch_decode_attention<LPK, 1>(q, kc, vc, pos, out, B, H, Hkv, D, L, S, st);
+}
+
 }  // namespace
 
 void rms_norm(const void* x, const void* residual, const float* w, void* out, void* h_out, int64_t rows,
               int64_t dim, float eps, uintptr_t stream) {
     if (rows <= 0) return;
-    rms_norm_kernel<<<(unsigned)rows, NORM_THREADS, 0, as_stream(stream)>>>(
-        static_cast<const __half*>(x), static_cast<const __half*>(residual), w, static_cast<__half*>(out),
-        static_cast<__half*>(h_out), (int)dim, eps);
+    const __half* xh = static_cast<const __half*>(x);
+    const __half* rh = static_cast<const __half*>(residual);
+    __half* oh = static_cast<__half*>(out);
+    __half* hh = static_cast<__half*>(h_out);
+    auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    const bool vec = dim % 8 == 0 && aligned(x) && aligned(out) && aligned(w) && (!residual || (aligned(residual) && aligned(h_out)));
+    const int per = (int)cdiv(dim / 8, NORM_THREADS);  // chunks of 8 per thread
+    const cudaStream_t st = as_stream(stream);
+    const unsigned g = (unsigned)rows;
+    if (vec && per <= 1)
+        rms_norm_vec_kernel<1><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+    else if (vec && per <= 2)
+        rms_norm_vec_kernel<2><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+    else if (vec && per <= 4)
+        rms_norm_vec_kernel<4><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+    else if (vec && per <= 8)
+        rms_norm_vec_kernel<8><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+    else
+        rms_norm_kernel<<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
     check_launch("rms_norm");
 }
 
@@ -132,6 +424,30 @@ void rope_cache(void* q, const void* k, const void* v, const void* cos_t, const 
         static_cast<const __half*>(cos_t), static_cast<const __half*>(sin_t), static_cast<__half*>(k_cache),
         static_cast<__half*>(v_cache), pos, start, (int)T, (int)H, (int)Hkv, (int)D, max_len);
     check_launch("rope_cache");
+}
+
+void decode_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* out,
+                      int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int sms, uintptr_t stream) {
+    if (B * H <= 0) return;
+    // Query heads per block: the most of 4, 2, 1 that divides the heads sharing a kv head.
+    const int64_t G = H / Hkv;
+    const int GB = G % 4 == 0 ? 4 : G % 2 == 0 ? 2 : 1;
+    // Slices: about 4 blocks per SM over the blocks of all heads, a power of two up to 16 (the
+    // cluster; 1 before sm_90). A slice without keys costs its block a cluster barrier only.
+    int S = 1;
+    if (device_cc_major() >= 9) {
+        S = (int)std::min<int64_t>(16, std::max<int64_t>(1, cdiv(4LL * sms, B * H / GB)));
+        while (S & (S - 1)) S &= S - 1;
+    }
+    const auto* qh = static_cast<const __half*>(q);
+    const auto* kc = static_cast<const __half*>(k_cache);
+    const auto* vc = static_cast<const __half*>(v_cache);
+    auto* oh = static_cast<__half*>(out);
+    const cudaStream_t st = as_stream(stream);
+    if (D <= 64)  // 8 lanes per key row (head_dim <= 64), else 16 (<= 128; checked by the caller)
+        decode_attention_lpk<8>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, st);
+    else
+        decode_attention_lpk<16>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, st);
 }
 
 void silu_mul(const void* g, const void* u, void* out, int64_t n, uintptr_t stream) {

@@ -47,6 +47,10 @@ void rope_cache(void* q, const void* k, const void* v, const void* cos_t, const 
                 void* v_cache, const int64_t* pos, int64_t start, int64_t B, int64_t T, int64_t H, int64_t Hkv,
                 int64_t D, int64_t max_len, uintptr_t stream);
 void silu_mul(const void* g, const void* u, void* out, int64_t n, uintptr_t stream);
+// One query token per sequence against the cache: q [B, H, D] -> out [B, H, D], keys 0..pos[0]
+// of k_cache / v_cache [B, Hkv, L, D] (pos: device int64), scale 1 / sqrt(D); D <= 128, D % 8 == 0.
+void decode_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* out,
+                      int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int sms, uintptr_t stream);
 
 // Device facts used by the launchers (and reported by the benchmarks).
 int device_sm_count();
