@@ -50,8 +50,9 @@ echo "== decode operators $(date -u +%T)"
 : > "$OUT/decode_ops.log"
 # The 7B case also without programmatic dependent launch (EXL2BUILD_NO_PDL=1), for the A/B.
 # And with SDPA in place of the decode-attention kernel (--sdpa), at the default 272 and at position 2048 of a 4096-token cache.
-for preset in ${DECODE_PRESETS:-"smollm2" "smollm2 --exl2 4.0" "llama2-7b --exl2 4.0" "NO_PDL llama2-7b --exl2 4.0" \
-    "llama2-7b --exl2 4.0 --sdpa" "llama2-7b --exl2 4.0 --cache-len 4096 --start 2048" "llama2-7b --exl2 4.0 --cache-len 4096 --start 2048 --sdpa"}; do
+# DECODE_PRESETS: the decode_ops.py argument lists, separated by ';'.
+IFS=';' read -ra presets <<< "${DECODE_PRESETS:-smollm2;smollm2 --exl2 4.0;llama2-7b --exl2 4.0;NO_PDL llama2-7b --exl2 4.0;llama2-7b --exl2 4.0 --sdpa;llama2-7b --exl2 4.0 --cache-len 4096 --start 2048;llama2-7b --exl2 4.0 --cache-len 4096 --start 2048 --sdpa}"
+for preset in "${presets[@]}"; do
   echo "-- decode_ops --preset $preset" | tee -a "$OUT/decode_ops.log"
   env=""; case $preset in NO_PDL*) env="EXL2BUILD_NO_PDL=1"; preset=${preset#NO_PDL }; esac
   env $env timeout 180 $PY "$REPO/benchmarks/decode_ops.py" --device cuda --preset $preset >> "$OUT/decode_ops.log" 2>&1

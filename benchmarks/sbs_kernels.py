@@ -13,7 +13,8 @@ Measures (device_side_by_side.sh STAGE=kernels):
     benchmarks/kernels.py (its time_graph / time_events are imported): M <= 32 median per call of
     CUDA-graph replays, weights rotated over copies larger than L2, exllamav2's per-shape
     block-size autotune (200 timed calls) run to completion before capture; M = 2048 events
-    around single calls. Both outputs are checked against each other and against x @ dequant(W)
+    around 5 back-to-back calls (the throughput a model's prefill sees: the host queues the next
+    call while the GPU runs one). Both outputs are checked against each other and against x @ dequant(W)
     in float32.
   * GPTQ over a whole linear, 4-bit, groups of 128 rows, the same W, H and H^-1 factor for both:
     (1) the per-group kernel loop: ours kernels.group_scale_search (97 factors on [0.70, 1.20],
@@ -48,6 +49,7 @@ LAYOUTS = {2.5: [(3, 0.5), (2, 0.5)], 4.0: [(4, 1.0)], 6.0: [(6, 1.0)]}  # as be
 GROUP = 128
 AGREE = 1e-2  # max |y_ours - y_exl2| / max |y| below which the two outputs count as the same product
 AUTOTUNE_CALLS = 210  # exllamav2 times 200 calls per (M, K, N) before it fixes its block size
+LARGE_M_INNER = 5  # M = 2048: events around this many back-to-back calls (as benchmarks/kernels.py)
 
 
 def build_qt(torch, K: int, N: int, bpw: float, seed: int, device):
@@ -82,7 +84,7 @@ class Timers:
             self.L2 = kb.L2_BYTES
         else:
             self.graph = lambda fn, inner, repeats=5: self._cpu(fn, inner, repeats)
-            self.events = lambda fn, iters=5: self._cpu(fn, 1, iters)
+            self.events = lambda fn, iters=5, inner=1: self._cpu(fn, inner, iters)
             self.L2 = 1 << 20
 
     @staticmethod
@@ -143,7 +145,7 @@ def matmul_shape(torch, a, tm: Timers, K, N, bpw, Ms, rows: list, copy_bw):
             kernels.exl2_matmul(x, qts[it[0] % n])
             it[0] += 1
 
-        r["ours_us"] = (tm.graph(ours, 4 * n if not a.quick else n) if M <= 32 else tm.events(ours, iters=10 if a.quick else 20)) * 1e6
+        r["ours_us"] = (tm.graph(ours, 4 * n if not a.quick else n) if M <= 32 else tm.events(ours, iters=10 if a.quick else 20, inner=LARGE_M_INNER)) * 1e6
         if M <= 32 and dev.type == "cuda":
             # Both of our fused kernels, forced (the default takes SIMT at M = 1, tensor cores above).
             from exl2build import _native
@@ -180,7 +182,7 @@ def matmul_shape(torch, a, tm: Timers, K, N, bpw, Ms, rows: list, copy_bw):
                     torch.cuda.synchronize()
                     r["exl2_us"] = tm.graph(theirs, 4 * n if not a.quick else n) * 1e6
                 else:
-                    r["exl2_us"] = tm.events(theirs, iters=10 if a.quick else 20) * 1e6
+                    r["exl2_us"] = tm.events(theirs, iters=10 if a.quick else 20, inner=LARGE_M_INNER) * 1e6
                 r["exl2_path"] = "kernel" if M <= 32 else "reconstruct+cublasHgemm"
                 y_t = torch.empty(M, n_pad, device=dev, dtype=torch.float16)
                 ext_c.gemm_half_q_half(x, handles[0][0], y_t, False)
@@ -357,7 +359,7 @@ def markdown(res: sc.Results) -> str:
                              sc.fmt(r.get("ours_vs_exl2"), ".1e") + ("" if r.get("agree", True) else " **DIFFER**"), sc.fmt(r.get("ours_vs_ref"), ".1e"), sc.fmt(r.get("exl2_vs_ref"), ".1e")])
     L += ["## Quantized matmul (f16, group 128; us per call; ratio > 1: exllamav2 slower)", "",
           "M <= 32: ours fused kernel vs exllamav2's kernel (CUDA-graph replays); M = 2048: ours dequant + torch.matmul vs "
-          "exllamav2 reconstruct + cublasHgemm (events). Errors: max |y - y'| / max |x @ W| (W dequantized in f32).", "",
+          "exllamav2 reconstruct + cublasHgemm (events around 5 back-to-back calls). Errors: max |y - y'| / max |x @ W| (W dequantized in f32).", "",
           sc.md_table(["K x N", "bpw", "M", "exl2build us", "exllamav2 us", "exllamav2 / exl2build", "exl2build % of copy",
                        "exllamav2 % of copy", "ours vs exl2", "ours vs ref", "exl2 vs ref"], rows), ""]
     rows = []
