@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -74,6 +75,33 @@ def test_greedy_generation_equals_full_forward_argmax(tiny_llama):
     full = model(torch.tensor(res.ids[:-1]))
     assert full[4:].argmax(-1).tolist() == res.new_ids
     assert res.prefill_s > 0 and res.decode_s > 0
+
+
+def test_generation_stops_at_eos(tiny_llama):
+    model, _ = load_model(tiny_llama)
+    free = generate(model, None, [1, 2, 3], 40)
+    # Each of these tokens as EOS: the output ends at its first occurrence, even when that is
+    # not a step at which generate looks at the finished flag (every EOS_CHECK_EVERY steps).
+    for eos in dict.fromkeys(free.new_ids):
+        first = free.new_ids.index(eos)
+        res = generate(model, types.SimpleNamespace(eos_id=eos), [1, 2, 3], 40)
+        assert res.new_ids == free.new_ids[: first + 1] and res.stopped_at_eos
+        res = generate(model, types.SimpleNamespace(eos_id=eos), [1, 2, 3], 40, stop_at_eos=False)
+        assert res.new_ids == free.new_ids and not res.stopped_at_eos
+
+
+def test_batched_generation_stops_when_every_row_has_ended(tiny_llama):
+    model, _ = load_model(tiny_llama)
+    prompts = _ids(B=2, T=4)
+    a, b = generate(model, None, prompts, 30).rows
+    only_a = next(t for t in a[3:] if t not in b)  # row b never produces it: no stop
+    res = generate(model, types.SimpleNamespace(eos_id=only_a), prompts, 30)
+    assert res.rows == [a, b] and not res.stopped_at_eos
+    # Both rows the same prompt: they end together, at the first EOS.
+    same = torch.stack([prompts[0], prompts[0]])
+    res = generate(model, types.SimpleNamespace(eos_id=a[5]), same, 30)
+    end = a.index(a[5])
+    assert res.rows == [a[: end + 1]] * 2 and res.stopped_at_eos
 
 
 def test_sampling_is_seeded(tiny_llama):

@@ -35,6 +35,10 @@ class GenerationResult:
         return steps / self.decode_s if self.decode_s > 0 else float("inf")
 
 
+# Steps between host reads of the all-rows-finished flag (each read is a GPU sync).
+EOS_CHECK_EVERY = 16
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]. temperature <= 0 is greedy."""
     if temperature <= 0:
@@ -172,12 +176,15 @@ def generate(model: Model, tok, prompt_ids, max_new_tokens: int, temperature: fl
     if cuda_graph and dec is None:
         dec, graph_s = _capture(model, cache, B, T + max_new_tokens)
     decode = dec.step if dec is not None else (lambda col: model(col[:, None], cache)[:, -1])
+    watch = eos is not None and stop_at_eos
     t1d = time.perf_counter()
     for step in range(max_new_tokens):
         out.append(nxt)
-        if eos is not None and stop_at_eos:
+        if watch:
             finished |= nxt == eos
-            if bool(finished.all()):
+            # Reading the flag waits for the GPU; every EOS_CHECK_EVERY steps the host instead
+            # queues steps ahead of the GPU (the output is cut at the first all-finished step below).
+            if (step + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
                 break
         if step + 1 == max_new_tokens:
             break
@@ -186,9 +193,13 @@ def generate(model: Model, tok, prompt_ids, max_new_tokens: int, temperature: fl
     t2 = time.perf_counter()
 
     new = torch.stack(out, 1).cpu() if out else torch.zeros(B, 0, dtype=torch.long)
+    if watch and new.shape[1]:
+        done = (new == eos).cummax(1).values.all(0)  # [steps]: every row has produced EOS by then
+        if bool(done.any()):
+            new = new[:, : int(done.int().argmax()) + 1]
     rows = [r.tolist() for r in new]
     return GenerationResult(
         ids=ids[0].cpu().tolist() + rows[0], new_ids=rows[0], prefill_s=t1 - t0, decode_s=t2 - t1d,
-        prompt_tokens=T, new_tokens=new.shape[1], stopped_at_eos=bool(finished.all()) and eos is not None, rows=rows,
+        prompt_tokens=T, new_tokens=new.shape[1], stopped_at_eos=watch and bool((new == eos).any(1).all()), rows=rows,
         graph_s=graph_s, cuda_graph=dec is not None,
     )
