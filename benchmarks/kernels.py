@@ -208,9 +208,10 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
             w = torch.empty(K, N, device="cuda", dtype=torch.float16)
 
             def deq_units(qt):
-                assert C.dequant_units(qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),
-                                       qt.q_groups.data_ptr(), qt.perm.data_ptr(), w.data_ptr(), K, N,
-                                       qt.q_weight.shape[1], qt.q_scale_max.shape[0], stream())
+                meta, uperm, _ = kernels.unit_tables(qt)  # cached per QTensor
+                assert C.dequant_units(qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), meta.data_ptr(),
+                                       uperm.data_ptr(), w.data_ptr(), N, qt.q_weight.shape[1], meta.shape[0],
+                                       stream())
 
             def deq_old(qt):
                 C.dequant(qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),

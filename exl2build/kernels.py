@@ -246,11 +246,14 @@ def dequant(qt, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         raise ValueError(f"dequant: dtype {dtype} not supported (float16 or float32)")
     out = torch.empty(qt.K, qt.N, dtype=dtype, device=dev)
     if dev.type == "cuda" and dtype == torch.float16:
-        # The unit-decoding kernel (q_perm); it declines misaligned tensors and huge group tables.
-        args = [qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(), qt.q_groups.data_ptr(),
-                qt.perm.data_ptr(), out.data_ptr(), qt.K, qt.N, qt.q_weight.shape[1], qt.q_scale_max.shape[0]]
-        if _call("dequant_units", dev, *args):
-            return out
+        # The unit-decoding kernel over the unit tables (built once per QTensor, as for the
+        # decode-sized matmul); it declines misaligned tensors and more than 65535 units.
+        tables = _unit_tables(qt, qt._validated)  # _check_qtensor has just computed the identity
+        if tables is not None:
+            meta, uperm, _ = tables
+            if _call("dequant_units", dev, qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), meta.data_ptr(),
+                     uperm.data_ptr(), out.data_ptr(), qt.N, qt.q_weight.shape[1], meta.shape[0]):
+                return out
     args = [qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(), qt.q_groups.data_ptr(),
             qt.q_invperm.data_ptr(), out.data_ptr(), qt.K, qt.N, qt.q_weight.shape[1], qt.q_scale_max.shape[0]]
     args.append(dtype == torch.float16)

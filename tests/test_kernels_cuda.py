@@ -313,11 +313,13 @@ def test_dequant_units_bit_exact(K, N, layout):
     qt = random_qtensor(K, N, layout, seed=K + N)
     qd = qt.to(DEV)
     out = poisoned((K, N), torch.float16, float("nan"))
-    done = _native.cuda.dequant_units(*qt_args(qd), qd.perm.data_ptr(), out.data_ptr(), K, N, qd.n_pad,
-                                      qd.num_groups, stream())
+    meta, uperm, _ = kernels.unit_tables(qd)
+    done = _native.cuda.dequant_units(qd.q_weight.data_ptr(), qd.q_scale.data_ptr(), meta.data_ptr(),
+                                      uperm.data_ptr(), out.data_ptr(), N, qd.n_pad, meta.shape[0], stream())
     torch.cuda.synchronize()
     assert done
     assert torch.equal(out.cpu(), kernels_ref.dequant(qt, torch.float16))
+    assert torch.equal(kernels.dequant(qd).cpu(), out.cpu())  # what kernels.dequant runs
 
 
 TC_SIMT = 8  # flags bit: the SIMT kernel even for f16

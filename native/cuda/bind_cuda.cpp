@@ -61,11 +61,10 @@ void register_cuda(py::module_& m) {
     }, nogil);
     // fp16 dequantization by 32-row units (q_perm instead of q_invperm); returns False when it does
     // not apply (alignment, group table too large), and the caller falls back to "dequant".
-    m.def("dequant_units", [](P qw, P qs, P qsm, P qg, P perm, P out, int64_t K, int64_t N, int64_t n_pad, int64_t G,
+    m.def("dequant_units", [](P qw, P qs, P unit_meta, P unit_perm, P out, int64_t N, int64_t n_pad, int64_t U,
                               P stream) {
-        return exl2cuda::dequant_units(ptr<const int32_t>(qw), ptr<const int32_t>(qs), ptr<const uint16_t>(qsm),
-                                       ptr<const int16_t>(qg), ptr<const int32_t>(perm), ptr<void>(out), K, N, n_pad,
-                                       G, stream, exl2cuda::device_smem_optin());
+        return exl2cuda::dequant_units(ptr<const int32_t>(qw), ptr<const int32_t>(qs), ptr<const int32_t>(unit_meta),
+                                       ptr<const int32_t>(unit_perm), ptr<void>(out), N, n_pad, U, stream);
     }, nogil);
     m.def("exl2_matmul", [](P x, P qw, P qs, P qsm, P qg, P perm, P y, int64_t M, int64_t K, int64_t N, int64_t n_pad,
                             int64_t G, bool io_is_f16, P stream) {

@@ -244,8 +244,14 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
 }
 
 
-// Dequantization to fp16 W^T [K, N] (original row order) with the same unit decoding: a warp
-// decodes one 32-row unit of 64 columns and writes row perm[r] of each of its rows r.
+// Dequantization to fp16 W^T [K, N] (original row order) with the same unit decoding, driven by
+// the unit tables the decode-sized kernel uses (kernels.unit_tables: no group table per block).
+// Block (x, u): unit u for DQ_WARPS adjacent 64-column tiles, one per warp, so each of the unit's
+// 32 output rows perm[r] gets DQ_WARPS * 128 contiguous bytes from one block (the rows are
+// scattered by perm; short runs per row left the writes at ~55 % of copy bandwidth). Neighbour
+// lanes swap halves so that every lane stores 16 bytes: 8 adjacent columns of one row.
+constexpr int DQ_WARPS = 8;
+
 template <int B>
 __device__ __forceinline__ void decode_unit(const Stage& st, int t, uint32_t (&P)[8][4]) {
     const int sh = (8 * t * B) & 31;
@@ -253,69 +259,70 @@ __device__ __forceinline__ void decode_unit(const Stage& st, int t, uint32_t (&P
     for (int k = 0; k < 8; ++k) lane_pairs<B>(st, k, sh, P[k]);
 }
 
-__global__ void __launch_bounds__(TC_THREADS) dequant_units_kernel(
-    const int32_t* __restrict__ qw, const int32_t* __restrict__ qs, const __half* __restrict__ qsm,
-    const int16_t* __restrict__ qg, const int32_t* __restrict__ perm, __half* __restrict__ out, int K, int N,
-    int n_pad, int G) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    const GroupTable gt = build_group_table(qg, G, K, reinterpret_cast<int*>(smem_raw));
-    const int U = gt.unit[G];
+__global__ void __launch_bounds__(DQ_WARPS * 32) dequant_units_kernel(
+    const int32_t* __restrict__ qw, const int32_t* __restrict__ qs, const int4* __restrict__ umeta,
+    const int32_t* __restrict__ uperm, __half* __restrict__ out, int N, int n_pad) {
+    const int u = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
-    const int base = blockIdx.x * TC_COLS;
+    const int base = (blockIdx.x * DQ_WARPS + warp) * TC_COLS;
+    if (base >= n_pad) return;  // no barriers below
+    const int4 um = __ldg(umeta + u);
     const int col0 = base + 4 * gid, col1 = base + 32 + 4 * gid;
-    const bool v0 = col0 < n_pad, v1 = col1 < n_pad;
-    const bool vec = (N & 3) == 0;
-    for (int u = blockIdx.y * TC_WARPS + warp; u < U; u += gridDim.y * TC_WARPS) {
-        const int g = find_le(gt.unit, G, u);
-        Stage st;
-        load_unit(st, gt, qw, qs, n_pad, u, g, t, col0, col1, v0, v1);
-        const int row0 = gt.row[g] + (u - gt.unit[g]) * 32, rend = gt.row[g + 1];
-        int orow[8];
+    Stage st;
+    load_unit_meta(st, um, qw, qs, n_pad, t, col0, col1, col0 < n_pad, col1 < n_pad);
+    // The lane's rows 8t + r + 4hh sit at K slots 8t + 2r + hh of unit_perm (-1: past a short unit).
+    const int4 pa = __ldg(reinterpret_cast<const int4*>(uperm + (int64_t)u * 32 + 8 * t));
+    const int4 pb = __ldg(reinterpret_cast<const int4*>(uperm + (int64_t)u * 32 + 8 * t + 4));
+    const int slot[8] = {pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w};
+    uint32_t P[8][4];
+    switch (um.z & 15) {
+        case 2: decode_unit<2>(st, t, P); break;
+        case 3: decode_unit<3>(st, t, P); break;
+        case 4: decode_unit<4>(st, t, P); break;
+        case 5: decode_unit<5>(st, t, P); break;
+        case 6: decode_unit<6>(st, t, P); break;
+        case 8: decode_unit<8>(st, t, P); break;
+        default: break;
+    }
+    const __half smax = __ushort_as_half((unsigned short)((unsigned)um.w >> 16));
+    float sc[8];
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {  // rows 8t + r + 4*hh for q = r + 4*hh
-            const int row = row0 + 8 * t + q;
-            orow[q] = row < rend ? __ldg(perm + row) : -1;
-        }
-        uint32_t P[8][4];
-        switch (gt.bits[g]) {
-            case 2: decode_unit<2>(st, t, P); break;
-            case 3: decode_unit<3>(st, t, P); break;
-            case 4: decode_unit<4>(st, t, P); break;
-            case 5: decode_unit<5>(st, t, P); break;
-            case 6: decode_unit<6>(st, t, P); break;
-            case 8: decode_unit<8>(st, t, P); break;
-            default: break;
-        }
-        const __half smax = qsm[g];
-        float sc[8];
+    for (int k = 0; k < 8; ++k) sc[k] = lane_scale(st, gid, k, smax);
+    const bool odd = gid & 1;
+    // Even lanes store columns 4 gid .. 4 gid + 7 of the first 32, odd lanes 32 + 4 (gid - 1) .. + 7.
+    const int scol = odd ? col1 - 4 : col0;
+    const bool vec = (N & 7) == 0 && scol + 7 < N;
 #pragma unroll
-        for (int k = 0; k < 8; ++k) sc[k] = lane_scale(st, gid, k, smax);
+    for (int q = 0; q < 8; ++q) {  // row 8t + r + 4hh, q = r + 4hh
+        const int r = q & 3, hh = q >> 2;
+        uint32_t w[2][2];  // [chunk][column pair]: the f16 values of columns 4 gid + 0..3 of each chunk
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
-            if (orow[q] < 0) continue;
-            const int r = q & 3, hh = q >> 2;
+        for (int c = 0; c < 2; ++c)
 #pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const int col = c ? col1 : col0;
-                __half h[4];
+            for (int j = 0; j < 2; ++j) {
+                __half h[2];
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const __half2 pr = *reinterpret_cast<const __half2*>(&P[4 * c + j][r]);
+                for (int e = 0; e < 2; ++e) {
+                    const __half2 pr = *reinterpret_cast<const __half2*>(&P[4 * c + 2 * j + e][r]);
                     const float v = __half2float(hh ? __high2half(pr) : __low2half(pr));
-                    h[j] = __float2half_rn(v * sc[4 * c + j]);  // as the reference: f32 product, one rounding
+                    h[e] = __float2half_rn(v * sc[4 * c + 2 * j + e]);  // as the reference: f32 product, one rounding
                 }
-                __half* dst = out + (int64_t)orow[q] * N + col;
-                if (vec && col + 3 < N) {
-                    uint2 w;
-                    w.x = (uint32_t)__half_as_ushort(h[0]) | ((uint32_t)__half_as_ushort(h[1]) << 16);
-                    w.y = (uint32_t)__half_as_ushort(h[2]) | ((uint32_t)__half_as_ushort(h[3]) << 16);
-                    *reinterpret_cast<uint2*>(dst) = w;
-                } else {
-#pragma unroll
-                    for (int j = 0; j < 4; ++j)
-                        if (col + j < N) dst[j] = h[j];
-                }
+                w[c][j] = (uint32_t)__half_as_ushort(h[0]) | ((uint32_t)__half_as_ushort(h[1]) << 16);
             }
+        // Swap with lane ^ 4 (gid ^ 1): even lanes give their second chunk, odd lanes their first.
+        const uint32_t s0 = __shfl_xor_sync(0xffffffffu, odd ? w[0][0] : w[1][0], 4);
+        const uint32_t s1 = __shfl_xor_sync(0xffffffffu, odd ? w[0][1] : w[1][1], 4);
+        const int orow = slot[2 * r + hh];
+        if (orow < 0) continue;
+        const uint4 o = odd ? make_uint4(s0, s1, w[1][0], w[1][1]) : make_uint4(w[0][0], w[0][1], s0, s1);
+        __half* dst = out + (int64_t)orow * N + scol;
+        if (vec) {
+            *reinterpret_cast<uint4*>(dst) = o;
+        } else {
+            const uint32_t ow[4] = {o.x, o.y, o.z, o.w};
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                if (scol + j < N) dst[j] = __ushort_as_half((unsigned short)(ow[j >> 1] >> (16 * (j & 1))));
         }
     }
 }
@@ -383,21 +390,14 @@ bool exl2_matmul_tc(const void* x, const int32_t* q_weight, const int32_t* q_sca
     return true;
 }
 
-bool dequant_units(const int32_t* q_weight, const int32_t* q_scale, const uint16_t* q_scale_max,
-                   const int16_t* q_groups, const int32_t* q_perm, void* out, int64_t K, int64_t N, int64_t n_pad,
-                   int64_t G, uintptr_t stream, int smem_optin) {
-    if (K <= 0 || N <= 0) return true;
-    if (reinterpret_cast<uintptr_t>(q_weight) % 16 || reinterpret_cast<uintptr_t>(out) % 8) return false;
-    const size_t smem = (size_t)align4i(group_table_ints(G)) * 4;
-    if (smem > (size_t)smem_optin) return false;
-    if (smem > 48 * 1024)
-        check(cudaFuncSetAttribute(dequant_units_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-              "dequant");
-    const int64_t units = (K + 31) / 32 + G;
-    const dim3 grid((unsigned)cdiv(n_pad, TC_COLS), (unsigned)std::min<int64_t>(65535, cdiv(units, TC_WARPS)));
-    dequant_units_kernel<<<grid, TC_THREADS, smem, as_stream(stream)>>>(
-        q_weight, q_scale, reinterpret_cast<const __half*>(q_scale_max), q_groups, q_perm,
-        reinterpret_cast<__half*>(out), (int)K, (int)N, (int)n_pad, (int)G);
+bool dequant_units(const int32_t* q_weight, const int32_t* q_scale, const int32_t* unit_meta,
+                   const int32_t* unit_perm, void* out, int64_t N, int64_t n_pad, int64_t U, uintptr_t stream) {
+    if (N <= 0 || U <= 0) return true;
+    if (reinterpret_cast<uintptr_t>(q_weight) % 16 || reinterpret_cast<uintptr_t>(out) % 16 || U > 65535) return false;
+    const dim3 grid((unsigned)cdiv(cdiv(n_pad, TC_COLS), DQ_WARPS), (unsigned)U);
+    dequant_units_kernel<<<grid, DQ_WARPS * 32, 0, as_stream(stream)>>>(
+        q_weight, q_scale, reinterpret_cast<const int4*>(unit_meta), unit_perm, reinterpret_cast<__half*>(out),
+        (int)N, (int)n_pad);
     check_launch("dequant");
     return true;
 }

@@ -11,11 +11,10 @@ bool exl2_matmul_tc(const void* x, const int32_t* q_weight, const int32_t* q_sca
                     const int16_t* q_groups, const int32_t* q_perm, void* y, int64_t M, int64_t K, int64_t N,
                     int64_t n_pad, int64_t G, uintptr_t stream, int sms, int cc_major, int smem_optin, int k_splits);
 
-// W^T [K, N] in fp16, original row order, from q_perm (row r of q_weight is channel q_perm[r]).
-// Returns false (nothing launched) when q_weight is not 16-byte or out not 8-byte aligned, or
-// the group table does not fit shared memory.
-bool dequant_units(const int32_t* q_weight, const int32_t* q_scale, const uint16_t* q_scale_max,
-                   const int16_t* q_groups, const int32_t* q_perm, void* out, int64_t K, int64_t N, int64_t n_pad,
-                   int64_t G, uintptr_t stream, int smem_optin);
+// W^T [K, N] in fp16, original row order, from the unit tables (exl2build.kernels.unit_tables:
+// unit_meta int4 [U], unit_perm [U * 32]). Returns false (nothing launched) when q_weight or out
+// is not 16-byte aligned or U > 65535.
+bool dequant_units(const int32_t* q_weight, const int32_t* q_scale, const int32_t* unit_meta,
+                   const int32_t* unit_perm, void* out, int64_t N, int64_t n_pad, int64_t U, uintptr_t stream);
 
 }  // namespace exl2cuda
