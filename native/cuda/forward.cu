@@ -29,6 +29,20 @@ namespace {
 
 constexpr int NORM_THREADS = 256;
 
+// The sum of every thread's v over a block of NORM_THREADS (warp shuffles, then the warps' sums
+// in a fixed order).
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float part[NORM_THREADS / 32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float tot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NORM_THREADS / 32; ++i) tot += part[i];
+    return tot;
+}
+
 // One block per row. The row is read twice (sum of squares, then scaling); the second read hits
 // L1/L2 (a row is at most a few tens of KB).
 __global__ void __launch_bounds__(NORM_THREADS) rms_norm_kernel(const __half* __restrict__ x,
@@ -51,15 +65,7 @@ __global__ void __launch_bounds__(NORM_THREADS) rms_norm_kernel(const __half* __
         const float f = __half2float(h);
         ss += f * f;
     }
-    __shared__ float part[NORM_THREADS / 32];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    float tot = 0.0f;
-#pragma unroll
-    for (int i = 0; i < NORM_THREADS / 32; ++i) tot += part[i];
-    const float inv = rsqrtf(tot / (float)dim + eps);
+    const float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
     const __half* src = rr ? hr : xr;
     __half* o = out + row * dim;
     for (int i = threadIdx.x; i < dim; i += NORM_THREADS) o[i] = __float2half_rn(__half2float(src[i]) * inv * w[i]);
@@ -101,15 +107,7 @@ __global__ void __launch_bounds__(NORM_THREADS) rms_norm_vec_kernel(const __half
             ss += f.x * f.x + f.y * f.y;
         }
     }
-    __shared__ float part[NORM_THREADS / 32];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    float tot = 0.0f;
-#pragma unroll
-    for (int i = 0; i < NORM_THREADS / 32; ++i) tot += part[i];
-    const float inv = rsqrtf(tot / (float)dim + eps);
+    const float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
 #pragma unroll
     for (int c = 0; c < V; ++c) {
         const int i = threadIdx.x + c * NORM_THREADS;
