@@ -3,8 +3,10 @@
 # the kernel benchmarks, and compute-sanitizer over a pass through every kernel.
 # Logs land in $OUT (build.log, pytest.log, bench.log, bench.md, bench.json, decode_ops.log, sanitize.log).
 # Usage on the device machine, from the repository root: bash benchmarks/device_kernels.sh [--quick]
-# (SKIP_SANITIZER=1 skips the compute-sanitizer passes, SKIP_NCU=1 the Nsight Compute pass, SKIP_BENCH=1 kernels.py;
-# PYTEST_K selects tests by -k expression; NCU_KERNEL (default exl2_gemv) names the profiled kernel).
+# (SKIP_SANITIZER=1 skips the compute-sanitizer passes, SKIP_NCU=1 the Nsight Compute pass, SKIP_BENCH=1 kernels.py,
+# SKIP_DECODE=1 decode_ops.py;
+# PYTEST_K selects tests by -k expression; NCU_KERNEL (default exl2_gemv) names the profiled kernel, NCU_COUNT how many
+# launches of it, PROFILE_BPW the decode-sized kernel's bpws in launch order, e.g. 2.5,4.0,6.0).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,6 +54,7 @@ echo "== decode operators $(date -u +%T)"
 # And with SDPA in place of the decode-attention kernel (--sdpa), at the default 272 and at position 2048 of a 4096-token cache.
 # DECODE_PRESETS: the decode_ops.py argument lists, separated by ';'.
 IFS=';' read -ra presets <<< "${DECODE_PRESETS:-smollm2;smollm2 --exl2 4.0;llama2-7b --exl2 4.0;NO_PDL llama2-7b --exl2 4.0;llama2-7b --exl2 4.0 --sdpa;llama2-7b --exl2 4.0 --cache-len 4096 --start 2048;llama2-7b --exl2 4.0 --cache-len 4096 --start 2048 --sdpa}"
+[ -n "${SKIP_DECODE:-}" ] && presets=()
 for preset in "${presets[@]}"; do
   echo "-- decode_ops --preset $preset" | tee -a "$OUT/decode_ops.log"
   env=""; case $preset in NO_PDL*) env="EXL2BUILD_NO_PDL=1"; preset=${preset#NO_PDL }; esac
@@ -62,8 +65,8 @@ grep -vE "^(STAGE|USDT)|profiler_st" "$OUT/decode_ops.log"
 
 echo "== ncu $(date -u +%T)"
 [ -n "${SKIP_NCU:-}" ] || timeout 120 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-  --section LaunchStats --section SchedulerStats --section SourceCounters --section InstructionStats -k regex:${NCU_KERNEL:-exl2_gemv} -c 1 \
-  $PY "$REPO/benchmarks/kernels.py" --profile > "$OUT/ncu.log" 2>&1
+  --section LaunchStats --section SchedulerStats --section SourceCounters --section InstructionStats -k regex:${NCU_KERNEL:-exl2_gemv} -c ${NCU_COUNT:-1} \
+  $PY "$REPO/benchmarks/kernels.py" --profile --profile-bpw ${PROFILE_BPW:-4.0} > "$OUT/ncu.log" 2>&1
 echo "ncu rc=$?"; grep -E "exl2_matmul_kernel|exl2_gemv_kernel|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|No Eligible|Warp Cycles Per Issued|stall|Stall" "$OUT/ncu.log" | head -40
 
 if [ -n "${SASS_STATS:-}" ]; then  # opcode histogram of the profiled kernel's SASS

@@ -477,12 +477,15 @@ def sanitize_pass():
     print("sanitize pass done")
 
 
-def profile_pass():
-    """One launch of each fused kernel for Nsight Compute (4096x14336, 4.0 bpw, M = 1)."""
-    qt = random_qtensor(4096, 14336, 4.0, seed=3)
+def profile_pass(bpws=(4.0,)):
+    """For Nsight Compute, 4096x14336 at M = 1: one launch of the decode-sized kernel per bpw, in
+    that order, then one of the tensor-core and SIMT kernels at the first bpw."""
     x = (torch.randn(1, 4096, device="cuda") * 0.5).half()
     y = torch.empty(1, 14336, device="cuda", dtype=torch.float16)
-    gemv([gemv_args(x, qt, y)], 0, 0)()
+    qts = [random_qtensor(4096, 14336, b, seed=3) for b in bpws]
+    for qt in qts:
+        gemv([gemv_args(x, qt, y)], 0, 0)()
+    qt = qts[0]
     for flags in (MATMUL_TC, MATMUL_SIMT):
         C.exl2_matmul_cfg(*matmul_args(x, qt, y), stream(), 0, 0, flags)
     torch.cuda.synchronize()
@@ -496,10 +499,11 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--gemv", action="store_true", help="only the ceilings, M = 1 and 8, and the decode-sized kernel's sweep")
-    ap.add_argument("--profile", action="store_true", help="launch the fused kernel for ncu and exit")
+    ap.add_argument("--profile", action="store_true", help="launch the fused kernels for ncu and exit")
+    ap.add_argument("--profile-bpw", default="4.0", help="with --profile: comma-separated bpws of the decode-sized kernel's launches")
     args = ap.parse_args()
     if args.profile:
-        profile_pass()
+        profile_pass(tuple(float(b) for b in args.profile_bpw.split(",")))
         return
     if args.sanitize:
         sanitize_pass()
