@@ -181,10 +181,34 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
     qts = [qt0] + [random_qtensor(K, N, bpw, seed=K + N + i) for i in range(1, n_copies)]
     for qt in qts:
         qt.perm  # cache the permutation outside the timed region
+    w = torch.empty(K, N, device="cuda", dtype=torch.float16)  # the dequantized weight
+
+    def deq_units(qt):
+        meta, uperm, _ = kernels.unit_tables(qt)  # cached per QTensor
+        assert C.dequant_units(qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), meta.data_ptr(),
+                               uperm.data_ptr(), w.data_ptr(), N, qt.q_weight.shape[1], meta.shape[0], stream())
+
+    def deq_old(qt):
+        C.dequant(qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),
+                  qt.q_groups.data_ptr(), qt.q_invperm.data_ptr(), w.data_ptr(), K, N,
+                  qt.q_weight.shape[1], qt.q_scale_max.shape[0], True, stream())
+
+    def rotating(deq, x=None, y=None):
+        """fn(): dequantize the next weight copy, then (with x) y = x @ w."""
+        it = [0]
+
+        def fn():
+            deq(qts[it[0] % len(qts)])
+            it[0] += 1
+            if x is not None:
+                torch.matmul(x, w, out=y)
+        return fn
+
     for M in Ms:
         x = (torch.randn(M, K, device="cuda") * 0.5).half()
         y = torch.empty(M, N, device="cuda", dtype=torch.float16)
-        t_alt = t_deq = t_tc = t_gemv = None
+        t_alt = t_deq = t_tc = t_gemv = t_dqm = None
+        dequant_path = kernels.uses_dequant(M, K, N, True)  # what kernels.exl2_matmul runs
         if M <= 32:
             argsets = [matmul_args(x, qt, y) for qt in qts]
 
@@ -202,42 +226,16 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
             # the decode-sized kernel (up to 32 tokens), the default on sm_90 where kernels.exl2_matmul picks it
             gsets = [gemv_args(x, qt, y) for qt in qts]
             t_gemv = time_graph(gemv(gsets, 0, 0), inner)
-            if kernels._gemv_applies(x, N):  # what kernels.exl2_matmul runs
+            if kernels._gemv_applies(x, N):
                 t = t_gemv
+            if M >= 8 and K * N >= kernels.DEQUANT_MIN_LINEAR:  # around the crossover to dequant + cuBLAS
+                t_dqm = time_graph(rotating(deq_units, x, y), inner)
+                if dequant_path:
+                    t = t_dqm
         else:
-            w = torch.empty(K, N, device="cuda", dtype=torch.float16)
-
-            def deq_units(qt):
-                meta, uperm, _ = kernels.unit_tables(qt)  # cached per QTensor
-                assert C.dequant_units(qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), meta.data_ptr(),
-                                       uperm.data_ptr(), w.data_ptr(), N, qt.q_weight.shape[1], meta.shape[0],
-                                       stream())
-
-            def deq_old(qt):
-                C.dequant(qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),
-                          qt.q_groups.data_ptr(), qt.q_invperm.data_ptr(), w.data_ptr(), K, N,
-                          qt.q_weight.shape[1], qt.q_scale_max.shape[0], True, stream())
-
-            def with_matmul(deq):
-                it = [0]
-
-                def fn():
-                    deq(qts[it[0] % len(qts)])
-                    it[0] += 1
-                    torch.matmul(x, w, out=y)
-                return fn
-
-            def alone(deq):
-                it = [0]
-
-                def fn():
-                    deq(qts[it[0] % len(qts)])
-                    it[0] += 1
-                return fn
-
-            t = time_events(with_matmul(deq_units), iters=10 if quick else 20, inner=LARGE_M_INNER)
-            t_alt = time_events(with_matmul(deq_old), iters=10 if quick else 20, inner=LARGE_M_INNER)
-            t_deq = time_graph(alone(deq_units), 2 * len(qts), repeats=7)
+            t = time_events(rotating(deq_units, x, y), iters=10 if quick else 20, inner=LARGE_M_INNER)
+            t_alt = time_events(rotating(deq_old, x, y), iters=10 if quick else 20, inner=LARGE_M_INNER)
+            t_deq = time_graph(rotating(deq_units), 2 * len(qts), repeats=7)
         # fp16 cuBLAS baseline of the same product, also graph-timed over two weight copies
         w16s = [torch.randn(K, N, device="cuda", dtype=torch.float16) for _ in range(2)]
         yb = torch.empty(M, N, device="cuda", dtype=torch.float16)
@@ -253,8 +251,10 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
         rows.append({
             "K": K, "N": N, "bpw": bpw, "M": M, "us": t * 1e6, "GBps": bw / 1e9, "copy_ratio": bw / copy_bw,
             "TFLOPs": 2 * M * K * N / t / 1e12, "fp16_us": tb * 1e6, "weight_MB": wb / 1e6,
-            "path": ("decode-sized" if kernels._gemv_applies(x, N) else "fused") if M <= 32 else "dequant+cuBLAS",
+            "path": "dequant+cuBLAS" if dequant_path else "decode-sized" if kernels._gemv_applies(x, N) else "fused",
             "tc_us": None if t_tc is None else t_tc * 1e6,
+            # M <= 32 around the crossover: dequant + torch.matmul, graph-timed like the fused kernels
+            "dequant_matmul_us": None if t_dqm is None else t_dqm * 1e6,
             "gemv_us": None if t_gemv is None else t_gemv * 1e6,
             # M <= 32: the SIMT fused kernel; M > 32: the previous dequant kernel + cuBLAS
             "alt_us": t_alt * 1e6,
@@ -266,7 +266,8 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
         print(f"{K:>6}x{N:<6} {bpw:>4} bpw M={M:<5} {r['us']:9.1f} us  {r['GBps']:7.0f} GB/s  "
               f"{100 * r['copy_ratio']:5.1f}% of copy  {r['TFLOPs']:7.2f} TFLOP/s  fp16 cuBLAS {r['fp16_us']:9.1f} us  "
               f"previous kernel {r['alt_us']:9.1f} us" + ("" if t_tc is None else f"  tensor-core M<=32 kernel {t_tc * 1e6:.1f} us")
-              + ("" if t_gemv is None else f"  decode-sized kernel {t_gemv * 1e6:.1f} us") + ("" if t_deq is None else f"  dequant alone {r['dequant_us']:.1f} us "
+              + ("" if t_gemv is None else f"  decode-sized kernel {t_gemv * 1e6:.1f} us")
+              + ("" if t_dqm is None else f"  dequant+cuBLAS {t_dqm * 1e6:.1f} us") + ("" if t_deq is None else f"  dequant alone {r['dequant_us']:.1f} us "
               f"({100 * r['dequant_copy_ratio']:.0f}% of copy)"),
               flush=True)
     del qts

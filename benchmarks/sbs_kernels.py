@@ -138,7 +138,7 @@ def matmul_shape(torch, a, tm: Timers, K, N, bpw, Ms, rows: list, copy_bw):
     for M in Ms:
         x = (torch.randn(M, K, device=dev) * 0.5).to(dt)
         r = {"K": K, "N": N, "bpw": bpw, "M": M, "weight_MB": wb / 1e6, "copies": n,
-             "ours_path": "fused" if M <= kernels.FUSED_MATMUL_MAX_ROWS else "dequant+torch.matmul"}
+             "ours_path": "dequant+torch.matmul" if kernels.uses_dequant(M, K, N, dt == torch.float16) else "fused"}
         it = [0]
 
         def ours():

@@ -21,6 +21,7 @@ BIT_WIDTHS = (2, 3, 4, 5, 6, 8)
 FUSED_MATMUL_MAX_ROWS = 32  # above this exl2_matmul is dequant + torch.matmul
 GEMV_MAX_ROWS = 32  # up to this, f16 on sm_90 may run the decode-sized kernel (native/cuda/matmul_gemv.cu)
 GEMV_SMALL_LINEAR = 4096 * 4096  # K * N up to which some M stay on the tensor-core kernel (_gemv_applies)
+DEQUANT_MIN_LINEAR = 4096 * 4096  # K * N from which CUDA f16 takes dequant + torch.matmul below 32 rows too
 
 
 # ----------------------------------------------------------------------------- checks
@@ -322,6 +323,28 @@ def _check_matmul_input(x: torch.Tensor, qt) -> torch.device:
     return dev
 
 
+def uses_dequant(M: int, K: int, N: int, cuda_f16: bool) -> bool:
+    """Whether exl2_matmul computes x [M, K] @ W [K, N] as dequant + torch.matmul, not a fused kernel.
+
+    Always above FUSED_MATMUL_MAX_ROWS. On CUDA f16 also at fewer rows, where an H200 measured it
+    faster (benchmarks/RESULTS.md, session 5: the dequantizer runs at ~80 % of copy bandwidth and
+    cuBLAS barely slows from 8 to 32 rows, while the fused kernels grow with the rows):
+      * 17-32 rows on linears of 4096x4096 and larger. At 32 rows, dequant + cuBLAS against the best fused kernel:
+        4096x4096 12 + 14 vs 68 us; 4096x14336 45 + 31 vs 115; 14336x4096 46 + 34 vs 192; 8192x28672 179 + 111 vs 384.
+        At 16 rows the fused kernel still wins, except on 4096x4096.
+      * 9-16 rows on 4096x4096 (26 vs 37 us at 16 rows; the fused kernel wins at 8).
+    Smaller linears keep the fused kernels (not measured there).
+    """
+    if M > FUSED_MATMUL_MAX_ROWS:
+        return True
+    KN = K * N
+    return cuda_f16 and KN >= DEQUANT_MIN_LINEAR and (M > 16 or (M > 8 and KN <= GEMV_SMALL_LINEAR))
+
+
+def _uses_dequant(x: torch.Tensor, N: int) -> bool:
+    return uses_dequant(x.shape[0], x.shape[1], N, x.is_cuda and x.dtype == torch.float16)
+
+
 def _gemv_applies(x: torch.Tensor, N: int) -> bool:
     """Whether the decode-sized kernel serves x [M, K] (N output columns in all). Measured on an
     H200 (benchmarks/RESULTS.md, session 4): above 4096x4096 it is the faster kernel at every M up
@@ -347,14 +370,15 @@ def _gemv_desc(qt, y: torch.Tensor) -> list[int] | None:
 def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W (x in original channel order; no bias). Same dtype as x.
 
-    Fused dequant-and-multiply for M <= 32; dequant + torch.matmul above (f32 math on CPU). On
-    sm_90 with f16 the decode-sized kernel runs where `_gemv_applies` says it is faster. It needs
-    `unit_tables(qt)`, built on the first call: run one call before capturing a CUDA graph (as
-    for the validation of qt).
+    Fused dequant-and-multiply for M <= 32; dequant + torch.matmul above (f32 math on CPU), and
+    on CUDA f16 at fewer rows where `uses_dequant` says that is faster. On sm_90 with f16 the
+    decode-sized kernel runs where `_gemv_applies` says it is faster. It needs `unit_tables(qt)`,
+    built on the first call: run one call before capturing a CUDA graph (as for the validation
+    of qt).
     """
     dev = _check_matmul_input(x, qt)
     M, K = x.shape
-    if M > FUSED_MATMUL_MAX_ROWS:
+    if _uses_dequant(x, qt.N):
         # CUDA multiplies in x's dtype; the CPU always in f32 (torch's fp16 CPU matmul is slow).
         w = dequant(qt, x.dtype if dev.type == "cuda" else torch.float32)
         return torch.matmul(x.to(w.dtype), w).to(x.dtype)
@@ -383,7 +407,7 @@ def exl2_matmul_group(x: torch.Tensor, qts) -> list[torch.Tensor]:
     for qt in qts:
         dev = _check_matmul_input(x, qt)
     M, K = x.shape
-    if _gemv_applies(x, sum(qt.N for qt in qts)):
+    if _gemv_applies(x, sum(qt.N for qt in qts)) and not _uses_dequant(x, max(qt.N for qt in qts)):
         ys = [torch.empty(M, qt.N, dtype=x.dtype, device=dev) for qt in qts]
         descs = [_gemv_desc(qt, y) for qt, y in zip(qts, ys)]
         if all(d is not None for d in descs) and _call("exl2_matmul_gemv_group", dev, x.data_ptr(),

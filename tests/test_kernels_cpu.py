@@ -401,3 +401,16 @@ def test_fp16_conversions_exhaustive_through_matmul():
         rows = rows.contiguous()
         assert torch.equal(kernels.exl2_matmul(rows, qt).view(torch.int16), rows.view(torch.int16))
         assert torch.equal(kernels.exl2_matmul(rows.float(), qt), rows.float())
+
+
+@pytest.mark.parametrize("M,K,N,cuda_f16,expect", [
+    (33, 64, 64, False, True), (33, 64, 64, True, True),  # above the fused kernels' rows: always
+    (32, 64, 64, False, False), (32, 4096, 4096, False, False),  # CPU and f32: fused up to 32 rows
+    (32, 4096, 4096, True, True), (17, 4096, 14336, True, True), (17, 8192, 28672, True, True),
+    (16, 4096, 14336, True, False), (16, 14336, 4096, True, False), (8, 8192, 28672, True, False),
+    (16, 4096, 4096, True, True), (9, 4096, 4096, True, True), (8, 4096, 4096, True, False),
+    (32, 2048, 4096, True, False), (1, 8192, 28672, True, False),  # small linears, one token: fused
+])
+def test_uses_dequant_decisions(M, K, N, cuda_f16, expect):
+    """Which products exl2_matmul computes as dequant + torch.matmul (the measured crossovers)."""
+    assert kernels.uses_dequant(M, K, N, cuda_f16) is expect

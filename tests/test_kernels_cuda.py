@@ -280,6 +280,24 @@ def test_exl2_matmul_matches_reference(K, N, layout, M):
         assert torch.equal(yk, yh)
 
 
+@pytest.mark.parametrize("M", [8, 12, 20, 32])
+def test_exl2_matmul_dequant_path_at_few_rows(M):
+    """On a 4096x4096 linear exl2_matmul multiplies 9-32 rows as dequant + torch.matmul (exactly
+    that product) and 8 rows with a fused kernel (within the fused kernels' bound)."""
+    K = N = 4096
+    qt = random_qtensor(K, N, [(4, 128)] * 20 + [(3, 128)] * 12, seed=77)
+    qd = qt.to(DEV)
+    xh = torch.randn(M, K, generator=gen(M + 7)).half().to(DEV)
+    y = kernels.exl2_matmul(xh, qd)
+    assert kernels.uses_dequant(M, K, N, True) is (M > 8)
+    if M > 8:
+        assert torch.equal(y, torch.matmul(xh, kernels.dequant(qd)))
+        ys = kernels.exl2_matmul_group(xh, [qd, qd])
+        assert all(torch.equal(a, y) for a in ys)
+    else:
+        _check_matmul(y, xh, kernels_ref.dequant(qt, torch.float32), True)
+
+
 _SHAPES_QT = {}
 
 

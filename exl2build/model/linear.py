@@ -69,11 +69,11 @@ class EXL2Linear(Linear):
 
     On CPU, prefill-sized inputs (M > 32) use a cached dequantized weight instead: evaluation
     is prefill-heavy and dequantizing per call would cost more than the matmul. On CUDA the
-    same happens while `keep_dequantized` is set (see `dequant_cache`); the product is the
-    same either way (the same fp16 dequantization, the same torch.matmul).
+    same happens, wherever exl2_matmul would dequantize (kernels.uses_dequant), while
+    `keep_dequantized` is set (see `dequant_cache`); the product is the same either way (the
+    same fp16 dequantization, the same torch.matmul).
     """
 
-    FUSED_MAX_M = 32
     keep_dequantized = False
 
     def __init__(self, qtensor):
@@ -95,7 +95,8 @@ class EXL2Linear(Linear):
     def _product(self, x2: torch.Tensor) -> torch.Tensor:
         from exl2build import kernels
 
-        if x2.shape[0] > self.FUSED_MAX_M and (x2.device.type == "cpu" or self.keep_dequantized):
+        dequantizes = kernels.uses_dequant(x2.shape[0], self.K, self.N, x2.is_cuda and x2.dtype == torch.float16)
+        if dequantizes and (x2.device.type == "cpu" or self.keep_dequantized):
             y = x2 @ self._dequantized(x2.dtype)
         else:
             y = kernels.exl2_matmul(x2.contiguous(), self.qtensor)
