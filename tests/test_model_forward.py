@@ -13,7 +13,7 @@ from conftest import make_tiny_llama
 from exl2build.errors import InputError
 from exl2build.model.config import ModelConfig
 from exl2build.model.forward import RotaryEmbedding
-from exl2build.model.generate import generate
+from exl2build.model.generate import EOS_CHECK_EVERY, generate
 from exl2build.model.load import load_embedding, load_final_norm, load_head, load_layer, load_model
 from exl2build.model.weights import WeightStore
 
@@ -86,6 +86,8 @@ def test_generation_stops_at_eos(tiny_llama):
         first = free.new_ids.index(eos)
         res = generate(model, types.SimpleNamespace(eos_id=eos), [1, 2, 3], 40)
         assert res.new_ids == free.new_ids[: first + 1] and res.stopped_at_eos
+        # The speed counts the steps run: up to the next flag read (every EOS_CHECK_EVERY steps).
+        assert res.decode_steps == min((first // EOS_CHECK_EVERY + 1) * EOS_CHECK_EVERY, 40) - 1
         res = generate(model, types.SimpleNamespace(eos_id=eos), [1, 2, 3], 40, stop_at_eos=False)
         assert res.new_ids == free.new_ids and not res.stopped_at_eos
 

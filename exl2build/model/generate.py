@@ -23,6 +23,9 @@ class GenerationResult:
     rows: list[list[int]] = field(default_factory=list)  # every row's new tokens, for batched calls
     graph_s: float = 0.0  # CUDA graph capture time (between prefill and decode; 0 when reused or eager)
     cuda_graph: bool = False  # decode steps replayed a captured CUDA graph
+    # Decode steps run; past an EOS up to EOS_CHECK_EVERY - 1 more than new_tokens - 1 (their
+    # tokens are cut), so the speed divides by this, not by the tokens kept. None: new_tokens - 1.
+    decode_steps: int | None = None
 
     @property
     def prefill_tps(self) -> float:
@@ -31,7 +34,7 @@ class GenerationResult:
     @property
     def decode_tps(self) -> float:
         # The first new token comes from prefill; decode steps produce the rest.
-        steps = max(self.new_tokens - 1, 0)
+        steps = max(self.new_tokens - 1, 0) if self.decode_steps is None else self.decode_steps
         return steps / self.decode_s if self.decode_s > 0 else float("inf")
 
 
@@ -201,5 +204,5 @@ def generate(model: Model, tok, prompt_ids, max_new_tokens: int, temperature: fl
     return GenerationResult(
         ids=ids[0].cpu().tolist() + rows[0], new_ids=rows[0], prefill_s=t1 - t0, decode_s=t2 - t1d,
         prompt_tokens=T, new_tokens=new.shape[1], stopped_at_eos=watch and bool((new == eos).any(1).all()), rows=rows,
-        graph_s=graph_s, cuda_graph=dec is not None,
+        graph_s=graph_s, cuda_graph=dec is not None, decode_steps=max(len(out) - 1, 0),
     )
