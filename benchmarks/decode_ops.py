@@ -3,8 +3,8 @@ decode (issue 5): a captured CUDA graph still pays ~1-2 us per kernel node, and 
 spent ~110 us per layer on an H200 (benchmarks/RESULTS.md).
 
 Builds a random Llama folder (SmolLM2-135M shapes by default), loads it with our loader, and runs
-decode steps in the static mode the CUDA-graph decoder captures (positions on the device, the
-mask over the whole cache). Counts, per step:
+decode steps in the static mode the CUDA-graph decoder captures (positions on the device; the
+decode-attention kernel, or with --sdpa SDPA with a mask over the whole cache). Counts, per step:
   * on CUDA: GPU kernels (torch.profiler kernel events), split into matmul kernels and the rest;
   * on CPU: aten operators that compute (leaf operators other than views and metadata), the
     same program the CUDA graph holds, each of which is at least one kernel there.

@@ -194,8 +194,9 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.max_len = max_len
         self.length = 0  # tokens already stored; advanced by Model.forward after all layers
-        # Static mode (CUDA graph decode): positions live on the device and attention runs over
-        # the whole buffer with a mask, so one captured step serves every position.
+        # Static mode (CUDA graph decode): positions live on the device and attention reads them
+        # there (decode_attention over the keys stored so far, or SDPA with a mask over the
+        # whole buffer), so one captured step serves every position.
         self.pos_t: torch.Tensor | None = None  # LongTensor [T] of the positions being written
         self.mask: torch.Tensor | None = None  # additive [T, max_len] (0 / -inf) of this step, see step_mask
         self._arange: torch.Tensor | None = None

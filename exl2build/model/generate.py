@@ -61,8 +61,8 @@ class GraphDecoder:
     """One captured CUDA graph of a decode step (B tokens at the cache's current length).
 
     Batch-1 decode of a small model is bound by kernel launches and Python; replaying a
-    captured step removes both. The cache runs in static mode (positions on the device,
-    attention over the whole buffer with a mask) so one graph serves every position.
+    captured step removes both. The cache runs in static mode (positions on the device, read
+    there by the attention) so one graph serves every position.
     """
 
     def __init__(self, model: Model, cache: KVCache):
