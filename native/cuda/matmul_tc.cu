@@ -60,18 +60,6 @@ __device__ __forceinline__ void load_words(Stage& st, const int32_t* __restrict_
     st.sc[1] = v1 ? (uint32_t)__ldg(s + (col1 >> 3)) : 0u;
 }
 
-// The loads of unit u (of group g), from the group table.
-__device__ __forceinline__ void load_unit(Stage& st, const GroupTable& gt, const int32_t* __restrict__ qw,
-                                          const int32_t* __restrict__ qs, int n_pad, int u, int g, int t, int col0,
-                                          int col1, bool v0, bool v1) {
-    const int b = gt.bits[g];
-    const int lu = u - gt.unit[g];
-    const int rows = min(32, gt.row[g + 1] - gt.row[g] - lu * 32);
-    const int words = (rows * b + 31) >> 5;  // a group's short last unit stops at its last word
-    load_words(st, qw, qs, n_pad, (int64_t)gt.qrow[g] + (int64_t)lu * b, b, words, g, t, col0, col1, v0, v1);
-}
-
-
 // What a warp needs to know about one 32-row unit, built once per block in shared memory so the
 // main loop spends one 16-byte shared load per unit on bookkeeping:
 // x = first word row of the unit in q_weight, y = first permuted K row,
