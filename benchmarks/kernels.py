@@ -388,16 +388,24 @@ def markdown(res) -> str:
     L.append("")
     L.append("exl2_matmul (f16 in/out; group size 128; 2.5 bpw = 50% 3-bit + 50% 2-bit). Time = median per call of "
              "CUDA-graph replays, weights rotated over copies larger than L2. GB/s = packed weight bytes "
-             "(q_weight + q_scale) / time. M <= 32: the tensor-core fused kernel (\"previous\" = the SIMT fused "
-             "kernel, same run); M = 2048: unit dequant + torch.matmul (\"previous\" = the old dequant kernel + "
-             "torch.matmul; \"dequant\" = the new dequant alone, % of copy counting packed bytes read + fp16 written).")
+             "(q_weight + q_scale) / time. path and us: what kernels.exl2_matmul runs (\"fused\" = the tensor-core "
+             "kernel); the tensor-core, decode-sized and dequant+cuBLAS columns time each path alone at M <= 32 "
+             "(\"previous\" = the SIMT fused kernel). M = 2048: events around 5 back-to-back calls of unit dequant + "
+             "torch.matmul (\"previous\" = the old dequant kernel + torch.matmul; \"dequant\" = the unit "
+             "dequantizer alone, % of copy counting packed bytes read + fp16 written).")
     L.append("")
-    L.append("| K x N | bpw | M | path | us | GB/s | % of copy | TFLOP/s | fp16 cuBLAS us | previous us | dequant us (% of copy) |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| K x N | bpw | M | path | us | GB/s | % of copy | TFLOP/s | fp16 cuBLAS us | previous us | "
+             "tensor-core us | decode-sized us | dequant+cuBLAS us | dequant us (% of copy) |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def us(r, key):
+        return "" if r.get(key) is None else f"{r[key]:.1f}"
+
     for r in res["matmul"]:
         dq = "" if r.get("dequant_us") is None else f"{r['dequant_us']:.1f} ({100 * r['dequant_copy_ratio']:.0f})"
         L.append(f"| {r['K']}x{r['N']} | {r['bpw']} | {r['M']} | {r['path']} | {r['us']:.1f} | {r['GBps']:.0f} | "
-                 f"{100 * r['copy_ratio']:.1f} | {r['TFLOPs']:.2f} | {r['fp16_us']:.1f} | {r['alt_us']:.1f} | {dq} |")
+                 f"{100 * r['copy_ratio']:.1f} | {r['TFLOPs']:.2f} | {r['fp16_us']:.1f} | {r['alt_us']:.1f} | "
+                 f"{us(r, 'tc_us')} | {us(r, 'gemv_us')} | {us(r, 'dequant_matmul_us')} | {dq} |")
     L.append("")
     if res.get("sweep"):
         L.append("K splits of the tensor-core kernel (ks = blocks of a thread-block cluster sharing one column tile; "
