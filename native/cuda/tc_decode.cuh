@@ -38,33 +38,49 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
     return d;
 }
 
+// (a & MASK) | (b & ~MASK) in one LOP3.
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t select_bits(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(d) : "r"(a), "r"(b), "n"(MASK));
+    return d;
+}
+
 // Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + code,
-// from the 64-bit window (hi:lo) that starts at the lane's first code.
+// from the 64-bit window (hi:lo) that starts at the lane's first code. Each width first gathers
+// its codes so that codes r and r + 4 lie 16 bits apart in one register; then a pair is a shift
+// and a LOP3 (the mask, and the fp16 exponent OR-ed in).
 template <int B>
 __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t (&P)[4]) {
     const uint32_t magic = 0x64006400u;
-    if constexpr (B == 4) {
+    if constexpr (B == 3) {
+        // Codes 0..3 at bits 0..11 of lo, 4..7 at 12..23: move 4..7 up by 4 bits (to 16..27).
+        const uint32_t v = select_bits<0x00000FFFu>(lo, lo << 4);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) P[r] = and_or<0x00070007u>(v >> (3 * r), magic);
+    } else if constexpr (B == 5 || B == 6) {
+        // Codes 0..3 at bits 0..4B-1 of the window, 4..7 at 4B..8B-1 (into hi): b4 holds 4..7 from
+        // bit 0. v1 = low halves of lo and b4 (codes 0, 1 and, at 5 bits, 2); v2 = their bits
+        // 8..23 (codes 2 and 3 at 6 bits, code 3 at 5 bits).
+        constexpr uint32_t mask = (1u << B) - 1u, m2 = (mask << 16) | mask;
+        const uint32_t b4 = __funnelshift_r(lo, hi, 4 * B);
+        const uint32_t v1 = __byte_perm(lo, b4, 0x5410), v2 = __byte_perm(lo, b4, 0x6521);
+        P[0] = and_or<m2>(v1, magic);
+        P[1] = and_or<m2>(v1 >> B, magic);
+        P[2] = B == 5 ? and_or<m2>(v1 >> 10, magic) : and_or<m2>(v2 >> 4, magic);
+        P[3] = and_or<m2>(v2 >> (3 * B - 8), magic);
+    } else if constexpr (B == 4) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) P[r] = and_or<0x000F000Fu>(lo >> (4 * r), magic);
     } else if constexpr (B == 8) {
 #pragma unroll
         for (int r = 0; r < 4; ++r)
             P[r] = and_or<0x00FF00FFu>(__byte_perm(lo, hi, r | (r << 4) | ((4 + r) << 8) | ((4 + r) << 12)), magic);
-    } else if constexpr (B == 2) {
+    } else {
+        static_assert(B == 2, "EXL2 bit widths: 2, 3, 4, 5, 6, 8");
         const uint32_t v = __byte_perm(lo, 0u, 0x1100);  // byte 1 (codes 4..7) moved to byte 2
 #pragma unroll
         for (int r = 0; r < 4; ++r) P[r] = and_or<0x00030003u>(v >> (2 * r), magic);
-    } else {
-        constexpr uint32_t mask = (1u << B) - 1u;
-        auto code = [&](int i) -> uint32_t {  // code i, unmasked above its B bits
-            const int o = i * B;
-            if (o + B <= 32) return lo >> o;
-            if (o >= 32) return hi >> (o - 32);
-            return __funnelshift_r(lo, hi, o);
-        };
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-            P[r] = and_or<(mask << 16) | mask>(__byte_perm(code(r), code(r + 4), 0x5410), magic);
     }
 }
 
