@@ -6,7 +6,8 @@
 # (SKIP_SANITIZER=1 skips the compute-sanitizer passes, SKIP_NCU=1 the Nsight Compute pass, SKIP_BENCH=1 kernels.py,
 # SKIP_DECODE=1 decode_ops.py;
 # PYTEST_K selects tests by -k expression; NCU_KERNEL (default exl2_gemv) names the profiled kernel, NCU_COUNT how many
-# launches of it, PROFILE_BPW the decode-sized kernel's bpws in launch order, e.g. 2.5,4.0,6.0).
+# launches of it, PROFILE_BPW the decode-sized kernel's bpws in launch order, e.g. 2.5,4.0,6.0, PROFILE_SHAPE
+# its K x N (default 4096x14336), NCU_ARGS more ncu arguments, e.g. --print-details all or --metrics ...).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -65,8 +66,8 @@ grep -vE "^(STAGE|USDT)|profiler_st" "$OUT/decode_ops.log"
 
 echo "== ncu $(date -u +%T)"
 [ -n "${SKIP_NCU:-}" ] || timeout 120 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-  --section LaunchStats --section SchedulerStats --section SourceCounters --section InstructionStats -k regex:${NCU_KERNEL:-exl2_gemv} -c ${NCU_COUNT:-1} \
-  $PY "$REPO/benchmarks/kernels.py" --profile --profile-bpw ${PROFILE_BPW:-4.0} > "$OUT/ncu.log" 2>&1
+  --section LaunchStats --section SchedulerStats --section SourceCounters --section InstructionStats -k regex:${NCU_KERNEL:-exl2_gemv} -c ${NCU_COUNT:-1} ${NCU_ARGS:-} \
+  $PY "$REPO/benchmarks/kernels.py" --profile --profile-bpw ${PROFILE_BPW:-4.0} --profile-shape ${PROFILE_SHAPE:-4096x14336} > "$OUT/ncu.log" 2>&1
 echo "ncu rc=$?"; grep -E "exl2_matmul_kernel|exl2_gemv_kernel|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|No Eligible|Warp Cycles Per Issued|stall|Stall" "$OUT/ncu.log" | head -40
 
 if [ -n "${SASS_STATS:-}" ]; then  # opcode histogram of the profiled kernel's SASS

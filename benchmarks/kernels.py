@@ -486,12 +486,13 @@ def sanitize_pass():
     print("sanitize pass done")
 
 
-def profile_pass(bpws=(4.0,)):
-    """For Nsight Compute, 4096x14336 at M = 1: one launch of the decode-sized kernel per bpw, in
-    that order, then one of the tensor-core and SIMT kernels at the first bpw."""
-    x = (torch.randn(1, 4096, device="cuda") * 0.5).half()
-    y = torch.empty(1, 14336, device="cuda", dtype=torch.float16)
-    qts = [random_qtensor(4096, 14336, b, seed=3) for b in bpws]
+def profile_pass(bpws=(4.0,), shape=(4096, 14336)):
+    """For Nsight Compute, K x N (default 4096x14336) at M = 1: one launch of the decode-sized
+    kernel per bpw, in that order, then one of the tensor-core and SIMT kernels at the first bpw."""
+    K, N = shape
+    x = (torch.randn(1, K, device="cuda") * 0.5).half()
+    y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+    qts = [random_qtensor(K, N, b, seed=3) for b in bpws]
     for qt in qts:
         gemv([gemv_args(x, qt, y)], 0, 0)()
     qt = qts[0]
@@ -510,9 +511,11 @@ def main():
     ap.add_argument("--gemv", action="store_true", help="only the ceilings, M = 1 and 8, and the decode-sized kernel's sweep")
     ap.add_argument("--profile", action="store_true", help="launch the fused kernels for ncu and exit")
     ap.add_argument("--profile-bpw", default="4.0", help="with --profile: comma-separated bpws of the decode-sized kernel's launches")
+    ap.add_argument("--profile-shape", default="4096x14336", help="with --profile: K x N of the profiled product")
     args = ap.parse_args()
     if args.profile:
-        profile_pass(tuple(float(b) for b in args.profile_bpw.split(",")))
+        profile_pass(tuple(float(b) for b in args.profile_bpw.split(",")),
+                     tuple(int(v) for v in args.profile_shape.split("x")))
         return
     if args.sanitize:
         sanitize_pass()

@@ -17,8 +17,10 @@
 //    first weight copies before waiting for the previous kernel, so in a chain of linears (q, k,
 //    v; gate, up) each one's first round trips overlap the previous one's tail.
 //  * Decoding and the mma are those of tc_decode.cuh (f32 accumulation, per-group fp16 scales),
-//    except that codes enter the mma as 1024 + q without the subtraction; the block computes
-//    (1024 + 2^(b-1)) * sum(x) per unit once and each group's sums drop it before scaling.
+//    except that codes enter the mma as 1024 + F * q without the subtraction (pair_factor: F is
+//    a power of two that spares a shift); x's K slots are staged divided by F, and the block
+//    computes sum((1024 + F * 2^(b-1)) * x / F) per unit once; each group's sums drop it before
+//    scaling.
 
 #include <algorithm>
 #include <climits>
@@ -145,6 +147,19 @@ __device__ __forceinline__ void read_scales(Stage& st, const uint32_t* stage, in
     st.sc[1] = stage[sc_off + 4 + (gid >> 1)];
 }
 
+// F_r = pair_factor<B>(r) for a runtime width: the staged x of pair r's K slots is x / F_r, so each
+// product in the mma is (1024 + F_r * q) * x / F_r = (1024 / F_r + q) * x.
+__device__ __forceinline__ uint32_t pair_factor_of(int bits, int r) {
+    switch (bits) {
+        case 2: return pair_factor<2>(r);
+        case 3: return pair_factor<3>(r);
+        case 4: return pair_factor<4>(r);
+        case 5: return pair_factor<5>(r);
+        case 6: return pair_factor<6>(r);
+        default: return 1u;
+    }
+}
+
 // A warp's streaming state: the ring of stages and which stage unit u and unit u + STAGES - 1 use.
 struct Ring {
     uint32_t* stages;
@@ -263,18 +278,29 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     const unsigned stages_s = (unsigned)__cvta_generic_to_shared(stages);
     __half* xs = reinterpret_cast<__half*>(smem_raw + (size_t)W * GV_STAGES * stage_words * 4);
     int4* ums = reinterpret_cast<int4*>(xs + (size_t)nu_max * a.M * 32);
-    float* cus = reinterpret_cast<float*>(ums + nu_max);  // [unit][8 NT]: (1024 + 2^(b-1)) * sum of x
+    float* cus = reinterpret_cast<float*>(ums + nu_max);  // [unit][8 NT]: the offsets' share of the sums
 
     // 1. The first K-slot channels of x, then (one round trip for unit_meta) this warp's first units.
     constexpr int CH = 8;
     const int nthr = W * 32, total = nu * 32;
     const int32_t* up = uperm + (int64_t)ub * 32;
     int src[CH];
+    // Slot i's x divided by its pair's F (slot i % 32 of a unit is in pair (i / 2) % 4): the
+    // fp16 of 2^-log2(F), exact for normal values.
+    __half inv[CH];
     auto load_src = [&](int base) {
 #pragma unroll
         for (int q = 0; q < CH; ++q) {
             const int i = base + q * nthr + (int)threadIdx.x;
             src[q] = i < total ? __ldg(up + i) : -1;
+        }
+    };
+    auto load_inv = [&](int base) {
+#pragma unroll
+        for (int q = 0; q < CH; ++q) {
+            const int i = base + q * nthr + (int)threadIdx.x;
+            const uint32_t f = i < total ? pair_factor_of(um_bits(ums[i >> 5]), (i >> 1) & 3) : 1u;
+            inv[q] = __ushort_as_half((unsigned short)(0x3C00u - ((uint32_t)__ffs((int)f) - 1u) * 0x400u));
         }
     };
     auto store_x = [&](int base) {
@@ -285,7 +311,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
 #pragma unroll
             for (int q = 0; q < CH; ++q) {
                 const int i = base + q * nthr + (int)threadIdx.x;
-                if (i < total) xs[((i >> 5) * a.M + m) * 32 + (i & 31)] = v[q];
+                if (i < total) xs[((i >> 5) * a.M + m) * 32 + (i & 31)] = __hmul(v[q], inv[q]);
             }
         }
     };
@@ -305,27 +331,34 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
             issue_unit(stages_s + 4u * (unsigned)(s * stage_words), um, lc, 4u * sc_off, um_last(um) || s + 1 == nu);
         cp_async_commit();
     }
+    for (int i = threadIdx.x; i < nu; i += nthr) ums[i] = __ldg(umeta + ub + i);
+    __syncthreads();  // ums: the width of each slot's unit, for its x's divisor
+    load_inv(0);
     grid_dependency_wait();
     store_x(0);
     for (int base = CH * nthr; base < total; base += CH * nthr) {
         load_src(base);
+        load_inv(base);
         store_x(base);
     }
-    for (int i = threadIdx.x; i < nu; i += nthr) ums[i] = __ldg(umeta + ub + i);
     __syncthreads();
-    // The codes enter the mma as 1024 + q (one LOP3 per two weights, no subtraction), so each
-    // group's sums carry (1024 + 2^(b-1)) * sum(x) too; per unit and token, in f32, in a fixed order.
+    // The codes enter the mma as 1024 + F * q (one LOP3 per two weights, no subtraction), so each
+    // group's sums carry sum((1024 + F * 2^(b-1)) * x / F) too, x / F as staged; per unit and
+    // token, in f32, in a fixed order. Half2 k of a token's 32 slots belongs to pair k % 4.
     for (int j = threadIdx.x; j < nu * 8 * NT; j += nthr) {
         const int lu = j / (8 * NT), m = j % (8 * NT);
         float sum = 0.0f;
         if (m < a.M) {
             const __half2* p = reinterpret_cast<const __half2*>(xs + (lu * a.M + m) * 32);
+            float pr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int k = 0; k < 16; ++k) {
                 const float2 f = __half22float2(p[k]);
-                sum += f.x + f.y;
+                pr[k & 3] += f.x + f.y;
             }
-            sum *= (float)(1024 + (1 << (um_bits(ums[lu]) - 1)));
+            const int bits = um_bits(ums[lu]);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) sum += (float)(1024u + (pair_factor_of(bits, r) << (bits - 1))) * pr[r];
         }
         cus[j] = sum;
     }

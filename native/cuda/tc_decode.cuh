@@ -46,18 +46,35 @@ __device__ __forceinline__ uint32_t select_bits(uint32_t a, uint32_t b) {
     return d;
 }
 
-// Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + code,
+// Where decode_pairs leaves code r of each pair: at bit log2(F) of its fp16 half, so the half
+// reads 1024 + F * code (F = pair_factor<B>(r), a power of two: the mask takes the code where it
+// lies, with no shift). Callers divide by F: center() in its fused multiply-add, the decode-sized
+// matmul by scaling x's K slots of pair r by 1 / F (exact for normal fp16 values).
+template <int B>
+__host__ __device__ constexpr uint32_t pair_factor(int r) {
+    if constexpr (B == 2) return 1u << (2 * r);
+    if constexpr (B == 3) return r == 0 ? 1u : r == 2 ? 64u : 8u;
+    if constexpr (B == 4) return (r & 1) ? 16u : 1u;
+    if constexpr (B == 5) return r == 1 ? 32u : 1u;
+    if constexpr (B == 6) return r == 2 ? 16u : 1u;
+    return 1u;
+}
+
+// Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + F_r * code,
 // from the 64-bit window (hi:lo) that starts at the lane's first code. Each width first gathers
-// its codes so that codes r and r + 4 lie 16 bits apart in one register; then a pair is a shift
-// and a LOP3 (the mask, and the fp16 exponent OR-ed in).
+// its codes so that codes r and r + 4 lie 16 bits apart in one register; then a pair is a LOP3
+// (the mask, and the fp16 exponent OR-ed in), with a shift only where the code would reach the
+// exponent bits (10..14) in place.
 template <int B>
 __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t (&P)[4]) {
     const uint32_t magic = 0x64006400u;
     if constexpr (B == 3) {
         // Codes 0..3 at bits 0..11 of lo, 4..7 at 12..23: move 4..7 up by 4 bits (to 16..27).
         const uint32_t v = select_bits<0x00000FFFu>(lo, lo << 4);
-#pragma unroll
-        for (int r = 0; r < 4; ++r) P[r] = and_or<0x00070007u>(v >> (3 * r), magic);
+        P[0] = and_or<0x00070007u>(v, magic);
+        P[1] = and_or<0x00380038u>(v, magic);
+        P[2] = and_or<0x01C001C0u>(v, magic);
+        P[3] = and_or<0x00380038u>(v >> 6, magic);
     } else if constexpr (B == 5 || B == 6) {
         // Codes 0..3 at bits 0..4B-1 of the window, 4..7 at 4B..8B-1 (into hi): b4 holds 4..7 from
         // bit 0. v1 = low halves of lo and b4 (codes 0, 1 and, at 5 bits, 2); v2 = their bits
@@ -66,12 +83,21 @@ __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t 
         const uint32_t b4 = __funnelshift_r(lo, hi, 4 * B);
         const uint32_t v1 = __byte_perm(lo, b4, 0x5410), v2 = __byte_perm(lo, b4, 0x6521);
         P[0] = and_or<m2>(v1, magic);
-        P[1] = and_or<m2>(v1 >> B, magic);
-        P[2] = B == 5 ? and_or<m2>(v1 >> 10, magic) : and_or<m2>(v2 >> 4, magic);
-        P[3] = and_or<m2>(v2 >> (3 * B - 8), magic);
+        if constexpr (B == 5) {
+            P[1] = and_or<(m2 << 5)>(v1, magic);
+            P[2] = and_or<m2>(v1 >> 10, magic);
+            P[3] = and_or<m2>(v2 >> 7, magic);
+        } else {
+            P[1] = and_or<m2>(v1 >> 6, magic);
+            P[2] = and_or<(m2 << 4)>(v2, magic);
+            P[3] = and_or<m2>(v2 >> 10, magic);
+        }
     } else if constexpr (B == 4) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) P[r] = and_or<0x000F000Fu>(lo >> (4 * r), magic);
+        const uint32_t h = lo >> 8;
+        P[0] = and_or<0x000F000Fu>(lo, magic);
+        P[1] = and_or<0x00F000F0u>(lo, magic);
+        P[2] = and_or<0x000F000Fu>(h, magic);
+        P[3] = and_or<0x00F000F0u>(h, magic);
     } else if constexpr (B == 8) {
 #pragma unroll
         for (int r = 0; r < 4; ++r)
@@ -79,21 +105,41 @@ __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t 
     } else {
         static_assert(B == 2, "EXL2 bit widths: 2, 3, 4, 5, 6, 8");
         const uint32_t v = __byte_perm(lo, 0u, 0x1100);  // byte 1 (codes 4..7) moved to byte 2
-#pragma unroll
-        for (int r = 0; r < 4; ++r) P[r] = and_or<0x00030003u>(v >> (2 * r), magic);
+        P[0] = and_or<0x00030003u>(v, magic);
+        P[1] = and_or<0x000C000Cu>(v, magic);
+        P[2] = and_or<0x00300030u>(v, magic);
+        P[3] = and_or<0x00C000C0u>(v, magic);
     }
 }
 
-// fp16 pairs 1024 + q -> q - 2^(B-1), exactly.
-template <int B>
+// fp16 bits of a positive integer v < 2048 (exact).
+__host__ __device__ constexpr uint32_t half_bits(uint32_t v) {
+    int e = 0;
+    while ((v >> (e + 1)) != 0u) ++e;
+    return (uint32_t)(15 + e) << 10 | ((v << (10 - e)) & 0x3FFu);
+}
+
+// Pair r as decode_pairs leaves it (1024 + F * q) -> q - 2^(B-1), exactly: one fused multiply-add
+// by 1 / F (a power of two) and -(1024 / F + 2^(B-1)), or a subtraction where F = 1.
+template <int B, int R>
 __device__ __forceinline__ uint32_t center(uint32_t p) {
-    constexpr uint32_t bias = (0x6400u | (1u << (B - 1))) * 0x10001u;
-    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&p), *reinterpret_cast<const __half2*>(&bias));
+    constexpr uint32_t F = pair_factor<B>(R);
+    constexpr uint32_t bias = half_bits(1024u / F + (1u << (B - 1))) * 0x10001u;
+    __half2 r;
+    if constexpr (F == 1) {
+        r = __hsub2(*reinterpret_cast<const __half2*>(&p), *reinterpret_cast<const __half2*>(&bias));
+    } else {
+        constexpr uint32_t inv = half_bits(1u) - ((uint32_t)__builtin_ctz(F) << 10), inv2 = inv * 0x10001u;
+        constexpr uint32_t nbias = bias | 0x80008000u;
+        r = __hfma2(*reinterpret_cast<const __half2*>(&p), *reinterpret_cast<const __half2*>(&inv2),
+                    *reinterpret_cast<const __half2*>(&nbias));
+    }
     return *reinterpret_cast<const uint32_t*>(&r);
 }
 
 // Column k (0..7) of a lane's window pair: chunk k / 4, word k % 4. CENTER: the pairs hold
-// q - 2^(B-1) (exact); otherwise 1024 + q, and the caller subtracts (1024 + 2^(B-1)) * sum(x).
+// q - 2^(B-1) (exact); otherwise 1024 + F_r * q, and the caller has scaled x's slots of pair r by
+// 1 / F_r and subtracts sum over slots of (1024 / F_r + 2^(B-1)) * x.
 template <int B, bool CENTER = true>
 __device__ __forceinline__ void lane_pairs(const Stage& st, int k, int sh, uint32_t (&P)[4]) {
     const uint32_t w0 = word_of(st.w[0][k >> 2], k & 3), w1 = word_of(st.w[1][k >> 2], k & 3);
@@ -102,8 +148,10 @@ __device__ __forceinline__ void lane_pairs(const Stage& st, int k, int sh, uint3
     else
         decode_pairs<B>(__funnelshift_r(w0, w1, sh), w1 >> sh, P);
     if constexpr (CENTER) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) P[r] = center<B>(P[r]);
+        P[0] = center<B, 0>(P[0]);
+        P[1] = center<B, 1>(P[1]);
+        P[2] = center<B, 2>(P[2]);
+        P[3] = center<B, 3>(P[3]);
     }
 }
 
@@ -173,13 +221,20 @@ template <int NT>
 __device__ __forceinline__ void finish_group(const uint32_t (&sc)[2], int gid, unsigned short smax_bits,
                                              float (&tmp)[4][NT][4], float (&acc)[4][NT][4]) {
     const __half hs = __hmul(__ushort_as_half(smax_bits), __float2half_rn(1.0f / 256.0f));
-    const int nib = (gid & 1) * 16;
+    const __half2 hs2 = __halves2half2(hs, hs);
+    // Tile i's two scales are byte 2 (gid & 1) + (i & 1) of sc[i / 2] (low nibble: column 2i,
+    // high: 2i + 1); copy that byte to bytes 0 and 2.
+    const uint32_t b0 = 2u * (uint32_t)(gid & 1), sel0 = b0 * 0x101u + 0x4040u, sel1 = sel0 + 0x101u;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const uint32_t sw = sc[i >> 1] >> (nib + 8 * (i & 1));
-        const int qa = (int)(sw & 15u) + 1, qb = (int)((sw >> 4) & 15u) + 1;
-        const float sa = __half2float(__hmul(__int2half_rn(qa * qa), hs));
-        const float sb = __half2float(__hmul(__int2half_rn(qb * qb), hs));
+        // Both scales in one register as fp16 (1024 + qa, 1024 + 16 qb), then (qa + 1, qb + 1) by one
+        // exact fused multiply-add, squared, times hs: the same fp16 products, rounded once each, as
+        // (q + 1)^2 * hs, without integer converts.
+        const uint32_t qq = and_or<0x00F0000Fu>(__byte_perm(sc[i >> 1], 0u, (i & 1) ? sel1 : sel0), 0x64006400u);
+        const __half2 q1 = __hfma2(*reinterpret_cast<const __half2*>(&qq), __halves2half2(__float2half_rn(1.0f), __float2half_rn(0.0625f)),
+                                   __halves2half2(__float2half_rn(-1023.0f), __float2half_rn(-63.0f)));
+        const float2 s = __half22float2(__hmul2(__hmul2(q1, q1), hs2));
+        const float sa = s.x, sb = s.y;
 #pragma unroll
         for (int tau = 0; tau < NT; ++tau) {
             acc[i][tau][0] = fmaf(tmp[i][tau][0], sa, acc[i][tau][0]);
