@@ -220,7 +220,9 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
                     it[0] += 1
                 return fn
 
-            inner = 4 * len(argsets) if not quick else len(argsets)
+            # At least 8 calls per replay even in --quick: with 2 copies a replay's own launch cost
+            # (~10-20 us) would be split over 2 calls and read as kernel time.
+            inner = 4 * len(argsets) if not quick else max(8, len(argsets))
             t = t_tc = time_graph(fused(MATMUL_TC), inner)  # the tensor-core kernel
             t_alt = time_graph(fused(MATMUL_SIMT), inner)  # the SIMT kernel of the previous rounds
             # the decode-sized kernel (up to 32 tokens), the default on sm_90 where kernels.exl2_matmul picks it

@@ -145,7 +145,7 @@ def matmul_shape(torch, a, tm: Timers, K, N, bpw, Ms, rows: list, copy_bw):
             kernels.exl2_matmul(x, qts[it[0] % n])
             it[0] += 1
 
-        r["ours_us"] = (tm.graph(ours, 4 * n if not a.quick else n) if M <= 32 else tm.events(ours, iters=10 if a.quick else 20, inner=LARGE_M_INNER)) * 1e6
+        r["ours_us"] = (tm.graph(ours, 4 * n if not a.quick else max(8, n)) if M <= 32 else tm.events(ours, iters=10 if a.quick else 20, inner=LARGE_M_INNER)) * 1e6
         if M <= 32 and dev.type == "cuda":
             # Both of our fused kernels, forced (the default takes SIMT at M = 1, tensor cores above).
             from exl2build import _native
@@ -162,7 +162,7 @@ def matmul_shape(torch, a, tm: Timers, K, N, bpw, Ms, rows: list, copy_bw):
                                                  0, 0, flags)
                     kt[0] += 1
 
-                r[key] = tm.graph(forced, 4 * n if not a.quick else n) * 1e6
+                r[key] = tm.graph(forced, 4 * n if not a.quick else max(8, n)) * 1e6
         ref = x.float() @ kernels.dequant(qts[0], torch.float32)
         y_o = kernels.exl2_matmul(x, qts[0]).float()
         scale = ref.abs().max().item() or 1.0
@@ -180,7 +180,7 @@ def matmul_shape(torch, a, tm: Timers, K, N, bpw, Ms, rows: list, copy_bw):
                     for _ in range(AUTOTUNE_CALLS):  # exllamav2's autotune syncs: finish it before graph capture
                         theirs()
                     torch.cuda.synchronize()
-                    r["exl2_us"] = tm.graph(theirs, 4 * n if not a.quick else n) * 1e6
+                    r["exl2_us"] = tm.graph(theirs, 4 * n if not a.quick else max(8, n)) * 1e6
                 else:
                     r["exl2_us"] = tm.events(theirs, iters=10 if a.quick else 20, inner=LARGE_M_INNER) * 1e6
                 r["exl2_path"] = "kernel" if M <= 32 else "reconstruct+cublasHgemm"

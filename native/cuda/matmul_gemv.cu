@@ -125,26 +125,52 @@ __device__ __forceinline__ void issue_full(unsigned stage, const int4 um, const 
     if (scales) issue_scales(stage, um, c, sc_off);
 }
 
-// The lane's words of one staged unit (rows j0, j0 + 1 of its two column chunks).
+__device__ __forceinline__ uint4 lds128(unsigned a) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+    return v;
+}
+__device__ __forceinline__ uint32_t lds32(unsigned a) {
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a));
+    return v;
+}
+
+// Where a lane reads a staged unit of width B: its word rows j0 (and j0 + 1 when its 8 codes cross
+// a word) of its two column chunks.
+struct LaneRead {
+    unsigned words;  // byte offset of row j0, chunk 0 in a stage
+    unsigned scales; // byte offset of the lane's first q_scale word: sc_off + 4 * (gid / 2)
+    bool two;
+};
+
 template <int B>
-__device__ __forceinline__ void read_stage(Stage& st, const uint32_t* stage, int t, int gid) {
+__device__ __forceinline__ LaneRead lane_read(int t, int gid, unsigned sc_off) {
     const int j0 = (8 * t * B) >> 5;
-    const bool two = ((8 * t * B) & 31) + 8 * B > 32;
-    const uint32_t* r0 = stage + j0 * GV_ROW_WORDS + 4 * gid;
-    st.w[0][0] = *reinterpret_cast<const uint4*>(r0);
-    st.w[0][1] = *reinterpret_cast<const uint4*>(r0 + 32);
-    if (two) {
-        st.w[1][0] = *reinterpret_cast<const uint4*>(r0 + GV_ROW_WORDS);
-        st.w[1][1] = *reinterpret_cast<const uint4*>(r0 + GV_ROW_WORDS + 32);
+    LaneRead r{4u * (unsigned)(j0 * GV_ROW_WORDS + 4 * gid), sc_off + 4u * (unsigned)(gid >> 1),
+               ((8 * t * B) & 31) + 8 * B > 32};
+    // Held in registers through the unit loop (else recomputed there from the thread index).
+    asm("" : "+r"(r.words), "+r"(r.scales));
+    return r;
+}
+
+// The lane's words of the unit staged at shared address stage.
+__device__ __forceinline__ void read_stage(Stage& st, unsigned stage, const LaneRead& lr) {
+    const unsigned a = stage + lr.words;
+    st.w[0][0] = lds128(a);
+    st.w[0][1] = lds128(a + 128u);
+    if (lr.two) {
+        st.w[1][0] = lds128(a + 4u * GV_ROW_WORDS);
+        st.w[1][1] = lds128(a + 4u * GV_ROW_WORDS + 128u);
     } else {
         st.w[1][0] = st.w[1][1] = make_uint4(0u, 0u, 0u, 0u);
     }
 }
 
 // The lane's two q_scale words, staged with a group's last unit.
-__device__ __forceinline__ void read_scales(Stage& st, const uint32_t* stage, int gid, int sc_off) {
-    st.sc[0] = stage[sc_off + (gid >> 1)];
-    st.sc[1] = stage[sc_off + 4 + (gid >> 1)];
+__device__ __forceinline__ void read_scales(Stage& st, unsigned stage, const LaneRead& lr) {
+    st.sc[0] = lds32(stage + lr.scales);
+    st.sc[1] = lds32(stage + lr.scales + 16u);
 }
 
 // F_r = pair_factor<B>(r) for a runtime width: the staged x of pair r's K slots is x / F_r, so each
@@ -160,25 +186,42 @@ __device__ __forceinline__ uint32_t pair_factor_of(int bits, int r) {
     }
 }
 
-// A warp's streaming state: the ring of stages and which stage unit u and unit u + STAGES - 1 use.
+// A warp's streaming state: its ring of stages in shared memory. The stage that unit
+// u + STAGES - 1 fills is the one unit u - 1 freed, so the stage in use and its predecessor are
+// all the state (shared-space addresses).
 struct Ring {
-    uint32_t* stages;
-    unsigned stages_s;  // shared-space address of stages
-    int stage_words, sc_off, cur, next;
-    __device__ __forceinline__ uint32_t* at(int s) const { return stages + s * stage_words; }
-    __device__ __forceinline__ unsigned at_s(int s) const { return stages_s + 4u * (unsigned)(s * stage_words); }
+    unsigned base, stage_bytes, end;  // the warp's stage 0; end = base + GV_STAGES * stage_bytes
+    unsigned cur, next;               // unit u's stage, unit u + STAGES - 1's
+    unsigned sc_off;                  // byte offset of the q_scale words in a stage
     __device__ __forceinline__ void advance() {
-        cur = cur + 1 == GV_STAGES ? 0 : cur + 1;
-        next = next + 1 == GV_STAGES ? 0 : next + 1;
+        next = cur;
+        cur = cur + stage_bytes == end ? base : cur + stage_bytes;
     }
 };
 
+// A group segment's sums start from minus its offset terms (the prologue's segment sums, at its
+// first unit u): tokens 8 tau + 2t (e even) and 8 tau + 2t + 1 (e odd) of tile tau.
+template <int NT>
+__device__ __forceinline__ void start_segment(const float2* cl, int u, float (&tmp)[4][NT][4]) {
+#pragma unroll
+    for (int tau = 0; tau < NT; ++tau) {
+        const float2 c = cl[(u * NT + tau) * 4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) tmp[i][tau][e] = (e & 1) ? -c.y : -c.x;
+    }
+}
+
 // Units u.. of bit width B (stops at the first unit of another width): wait for unit u, refill the
-// stage freed last step with unit u + STAGES - 1, multiply, and scale at each group's end.
+// stage freed last step with unit u + STAGES - 1, multiply, and scale at each group's end. xl and
+// cl: this lane's x fragment and sum(x) terms of unit 0 (token tile 0); a unit's are M * 4 uint4
+// and NT * 4 float2 further.
 template <int B, int NT>
-__device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const float2* cus2, Ring& ring,
-                                         const LaneCopy& lc, const uint4* xs4, int M, int t, int gid,
-                                         float2 (&cg)[NT], float (&tmp)[4][NT][4], float (&acc)[4][NT][4]) {
+__device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const float2* cl, Ring& ring,
+                                         const LaneCopy& lc, const uint4* xl, int M, int t, int gid,
+                                         float (&tmp)[4][NT][4], float (&acc)[4][NT][4]) {
+    const LaneRead lr = lane_read<B>(t, gid, ring.sc_off);
     for (; u < nu; ++u) {
         const int4 um = ums[u];
         if (um_bits(um) != B) break;
@@ -187,39 +230,28 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
         const int v = u + GV_STAGES - 1;
         if (v < nu) {
             const int4 uv = ums[v];
-            const bool scales = um_last(uv) || v + 1 == nu;  // the units that finish a group here
+            const bool scales = um_last(uv);  // the units that finish a group (or the block's range)
             if (um_bits(uv) == B && um_words(uv) == B)
-                issue_full<B>(ring.at_s(ring.next), uv, lc, 4u * ring.sc_off, scales);
+                issue_full<B>(ring.next, uv, lc, ring.sc_off, scales);
             else
-                issue_unit(ring.at_s(ring.next), uv, lc, 4u * ring.sc_off, scales);
+                issue_unit(ring.next, uv, lc, ring.sc_off, scales);
         }
         cp_async_commit();
         Stage st;
-        read_stage<B>(st, ring.at(ring.cur), t, gid);
+        read_stage(st, ring.cur, lr);
         uint4 xb[NT];  // token tile tau: tokens 8 tau .. 8 tau + 7, this lane's B fragment of token 8 tau + gid
 #pragma unroll
         for (int tau = 0; tau < NT; ++tau) {
             const int m = 8 * tau + gid;
-            xb[tau] = m < M ? xs4[(u * M + m) * 4 + t] : make_uint4(0u, 0u, 0u, 0u);
+            xb[tau] = m < M ? xl[(u * M + 8 * tau) * 4] : make_uint4(0u, 0u, 0u, 0u);
         }
         mma_unit<B, NT, false>(st, t, xb, tmp);
-#pragma unroll
-        for (int tau = 0; tau < NT; ++tau) {
-            const float2 c = cus2[(u * NT + tau) * 4 + t];  // tokens 8 tau + 2t, 8 tau + 2t + 1
-            cg[tau].x += c.x;
-            cg[tau].y += c.y;
-        }
-        if (um_last(um) || u + 1 == nu) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int tau = 0; tau < NT; ++tau)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) tmp[i][tau][e] -= (e & 1) ? cg[tau].y : cg[tau].x;
-            read_scales(st, ring.at(ring.cur), gid, ring.sc_off);
+        if (um_last(um)) {
+            read_scales(st, ring.cur, lr);
             finish_group<NT>(st.sc, gid, (unsigned short)(um.w >> 16), tmp, acc);
-#pragma unroll
-            for (int tau = 0; tau < NT; ++tau) cg[tau] = make_float2(0.0f, 0.0f);
+            // After the block's last unit this reads 8 NT floats past cus (inside the partial sums'
+            // area, which the launch always allocates) and the values are never used.
+            start_segment<NT>(cl, u + 1, tmp);
         }
         ring.advance();
     }
@@ -278,7 +310,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     const unsigned stages_s = (unsigned)__cvta_generic_to_shared(stages);
     __half* xs = reinterpret_cast<__half*>(smem_raw + (size_t)W * GV_STAGES * stage_words * 4);
     int4* ums = reinterpret_cast<int4*>(xs + (size_t)nu_max * a.M * 32);
-    float* cus = reinterpret_cast<float*>(ums + nu_max);  // [unit][8 NT]: the offsets' share of the sums
+    // [unit][8 NT]: the offset terms' share of each unit's sums, then of each group segment's (at its first unit)
+    float* cus = reinterpret_cast<float*>(ums + nu_max);
 
     // 1. The first K-slot channels of x, then (one round trip for unit_meta) this warp's first units.
     constexpr int CH = 8;
@@ -331,7 +364,12 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
             issue_unit(stages_s + 4u * (unsigned)(s * stage_words), um, lc, 4u * sc_off, um_last(um) || s + 1 == nu);
         cp_async_commit();
     }
-    for (int i = threadIdx.x; i < nu; i += nthr) ums[i] = __ldg(umeta + ub + i);
+    // The block's last unit ends its group here: its sums are scaled and its scales staged.
+    for (int i = threadIdx.x; i < nu; i += nthr) {
+        int4 m = __ldg(umeta + ub + i);
+        if (i == nu - 1) m.z |= 1 << 16;
+        ums[i] = m;
+    }
     __syncthreads();  // ums: the width of each slot's unit, for its x's divisor
     load_inv(0);
     grid_dependency_wait();
@@ -363,28 +401,36 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
         cus[j] = sum;
     }
     __syncthreads();
+    // Then per group segment (a group's units inside this block's range): the sum over its units,
+    // kept at its first unit, where the unit loop starts the segment's sums from minus this value.
+    for (int j = threadIdx.x; j < nu * 8 * NT; j += nthr) {
+        const int lu = j / (8 * NT);
+        if (lu > 0 && !um_last(ums[lu - 1])) continue;
+        float sum = cus[j];
+        for (int w = lu; !um_last(ums[w]);) sum += cus[(++w) * 8 * NT + j % (8 * NT)];
+        cus[j] = sum;
+    }
+    __syncthreads();
 
     // 2. Stream the units, one run of equal bit width at a time (the width is a template argument
     // inside a run, so the decoding is straight-line code).
     float acc[4][NT][4], tmp[4][NT][4];
     zero_tiles(acc);
-    zero_tiles(tmp);
     if (active) {
-        const uint4* xs4 = reinterpret_cast<const uint4*>(xs);
-        Ring ring{stages, stages_s, stage_words, sc_off, 0, GV_STAGES - 1};
-        const float2* cus2 = reinterpret_cast<const float2*>(cus);
-        float2 cg[NT];
-#pragma unroll
-        for (int tau = 0; tau < NT; ++tau) cg[tau] = make_float2(0.0f, 0.0f);
+        const uint4* xl = reinterpret_cast<const uint4*>(xs) + gid * 4 + t;
+        const unsigned sb = 4u * (unsigned)stage_words;
+        Ring ring{stages_s, sb, stages_s + GV_STAGES * sb, stages_s, stages_s + (GV_STAGES - 1) * sb, 4u * (unsigned)sc_off};
+        const float2* cl = reinterpret_cast<const float2*>(cus) + t;
+        start_segment<NT>(cl, 0, tmp);
         int u = 0;
         while (u < nu) {
             switch (um_bits(ums[u])) {
-                case 2: u = run_units<2, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
-                case 3: u = run_units<3, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
-                case 4: u = run_units<4, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
-                case 5: u = run_units<5, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
-                case 6: u = run_units<6, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
-                case 8: u = run_units<8, NT>(u, nu, ums, cus2, ring, lc, xs4, a.M, t, gid, cg, tmp, acc); break;
+                case 2: u = run_units<2, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                case 3: u = run_units<3, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                case 4: u = run_units<4, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                case 5: u = run_units<5, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                case 6: u = run_units<6, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                case 8: u = run_units<8, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
                 default: u = nu; break;  // unreachable: kernels.py admits only these widths
             }
         }
