@@ -164,12 +164,13 @@ def gemv_args(x, qt, y):
             y.data_ptr(), x.shape[0], qt.K, qt.N, qt.q_weight.shape[1], meta.shape[0], max_bits]
 
 
-def gemv(argsets, warps, ks):
-    """fn() launching the decode-sized kernel over the rotating weight copies."""
+def gemv(argsets, warps, ks, kw=0):
+    """fn() launching the decode-sized kernel over the rotating weight copies (warps per block, K
+    splits, warps along K; 0 = the kernel's choice)."""
     it = [0]
 
     def fn():
-        assert C.exl2_matmul_gemv(*argsets[it[0] % len(argsets)], warps, ks, stream())
+        assert C.exl2_matmul_gemv(*argsets[it[0] % len(argsets)], warps, ks, kw, stream())
         it[0] += 1
     return fn
 
@@ -309,12 +310,13 @@ def sweep_gemv(copy_bw, rows, bpws=(4.0,)):
             y = torch.empty(1, N, device="cuda", dtype=torch.float16)
             gsets = [gemv_args(x, qt, y) for qt in qts]
             line = []
-            for warps in (2, 4):
+            # kw: warps along K (0 with ks 0: the kernel's choice of both)
+            for warps, kw in ((2, 0), (4, 0), (4, 2), (4, 4)):
                 for ks in (0, 2, 4, 8, 12, 16):
-                    t = time_graph(gemv(gsets, warps, ks), 4 * len(gsets))
-                    rows.append({"K": K, "N": N, "bpw": bpw, "M": 1, "warps": warps, "ks": ks, "us": t * 1e6,
-                                 "copy_ratio": wb / t / copy_bw})
-                    line.append(f"w{warps}/ks{ks or 'd'} {t * 1e6:.1f}")
+                    t = time_graph(gemv(gsets, warps, ks, kw), 4 * len(gsets))
+                    rows.append({"K": K, "N": N, "bpw": bpw, "M": 1, "warps": warps, "ks": ks, "kw": kw,
+                                 "us": t * 1e6, "copy_ratio": wb / t / copy_bw})
+                    line.append(f"w{warps}/kw{kw or 'd'}/ks{ks or 'd'} {t * 1e6:.1f}")
             print(f"gemv sweep {K}x{N} {bpw} bpw M=1: " + "  ".join(line), flush=True)
             del qts
 

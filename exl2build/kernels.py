@@ -385,7 +385,7 @@ def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:
     y = torch.empty(M, qt.N, dtype=x.dtype, device=dev)
     if _gemv_applies(x, qt.N):
         d = _gemv_desc(qt, y)
-        if d is not None and _call("exl2_matmul_gemv", dev, x.data_ptr(), *d[:5], M, K, *d[5:], 0, 0):
+        if d is not None and _call("exl2_matmul_gemv", dev, x.data_ptr(), *d[:5], M, K, *d[5:], 0, 0, 0):
             return y
     args = [x.data_ptr(), qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), qt.q_scale_max.data_ptr(),
             qt.q_groups.data_ptr(), qt.perm.data_ptr(), y.data_ptr(), M, K, qt.N, qt.q_weight.shape[1],
@@ -411,7 +411,7 @@ def exl2_matmul_group(x: torch.Tensor, qts) -> list[torch.Tensor]:
         ys = [torch.empty(M, qt.N, dtype=x.dtype, device=dev) for qt in qts]
         descs = [_gemv_desc(qt, y) for qt, y in zip(qts, ys)]
         if all(d is not None for d in descs) and _call("exl2_matmul_gemv_group", dev, x.data_ptr(),
-                                                       [v for d in descs for v in d], M, K, 0, 0):
+                                                       [v for d in descs for v in d], M, K, 0, 0, 0):
             return ys
     return [exl2_matmul(x, qt) for qt in qts]
 

@@ -368,13 +368,13 @@ def test_exl2_matmul_tensor_core_k_splits(ks, M):
     assert torch.equal(y, _matmul_native(xh, qd, M, (0, ks, TC_FORCE))), "not deterministic"
 
 
-def _gemv_native(xh, qd, M, warps=0, ks=0):
+def _gemv_native(xh, qd, M, warps=0, ks=0, kw=0):
     """The decode-sized kernel (matmul_gemv.cu) directly; (launched?, y)."""
     meta, uperm, max_bits = kernels.unit_tables(qd)
     y = poisoned((M, qd.N), torch.float16, float("nan"))
     done = _native.cuda.exl2_matmul_gemv(xh.data_ptr(), qd.q_weight.data_ptr(), qd.q_scale.data_ptr(),
                                          meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), M, qd.K, qd.N, qd.n_pad,
-                                         meta.shape[0], max_bits, warps, ks, stream())
+                                         meta.shape[0], max_bits, warps, ks, kw, stream())
     torch.cuda.synchronize()
     return done, y
 
@@ -412,6 +412,30 @@ def test_exl2_matmul_gemv_k_splits(ks, M):
 
 
 @needs_sm90
+@pytest.mark.parametrize("kw", [1, 2, 4])
+@pytest.mark.parametrize("ks", [1, 3, 16])
+@pytest.mark.parametrize("M", [1, 8, 32])
+def test_exl2_matmul_gemv_warps_along_k(kw, ks, M):
+    """A block's warps splitting its units (kw) as well as its columns: every K split, including
+    warp ranges that cut groups and warps left with no unit (16 splits of 32 units), meets the bound,
+    deterministically."""
+    qt, w32 = _launch_shapes_qtensor()
+    qd = qt.to(DEV)
+    xh = torch.randn(M, qt.K, generator=gen(10 + M)).half().to(DEV)
+    done, y = _gemv_native(xh, qd, M, 4, ks, kw)
+    assert done
+    _check_matmul(y, xh, w32, True)
+    assert torch.equal(y, _gemv_native(xh, qd, M, 4, ks, kw)[1]), "not deterministic"
+
+
+@needs_sm90
+def test_exl2_matmul_gemv_declines_k_warps_not_dividing_warps():
+    qt, _ = _launch_shapes_qtensor()
+    xh = torch.randn(1, qt.K, generator=gen(11)).half().to(DEV)
+    assert not _gemv_native(xh, qt.to(DEV), 1, 2, 1, 4)[0]  # 4 warps along K in a block of 2
+
+
+@needs_sm90
 @pytest.mark.parametrize("offset", [3.0, -20.0])
 def test_exl2_matmul_gemv_activations_far_from_zero_mean(offset):
     """The kernel subtracts (1024 + 2^(b-1)) * sum(x) from f32 sums that carry it: activations with
@@ -444,14 +468,14 @@ GROUP_LAYOUTS = [
 ]
 
 
-def _group_native(xh, qds, M, ks=0):
+def _group_native(xh, qds, M, ks=0, kw=0):
     ys = [poisoned((M, qd.N), torch.float16, float("nan")) for qd in qds]
     desc = []
     for qd, y in zip(qds, ys):
         meta, uperm, max_bits = kernels.unit_tables(qd)
         desc += [qd.q_weight.data_ptr(), qd.q_scale.data_ptr(), meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), qd.N,
                  qd.n_pad, meta.shape[0], max_bits]
-    done = _native.cuda.exl2_matmul_gemv_group(xh.data_ptr(), desc, M, xh.shape[1], 4, ks, stream())
+    done = _native.cuda.exl2_matmul_gemv_group(xh.data_ptr(), desc, M, xh.shape[1], 4, ks, kw, stream())
     torch.cuda.synchronize()
     return done, ys
 
@@ -459,18 +483,18 @@ def _group_native(xh, qds, M, ks=0):
 @needs_sm90
 @pytest.mark.parametrize("count", [1, 2, 3])
 @pytest.mark.parametrize("M", [1, 3, 8, 24])
-@pytest.mark.parametrize("ks", [0, 1, 4, 16])
-def test_exl2_matmul_gemv_group_matches_reference(count, M, ks):
+@pytest.mark.parametrize("ks,kw", [(0, 0), (1, 0), (4, 0), (16, 0), (1, 2), (2, 4)])
+def test_exl2_matmul_gemv_group_matches_reference(count, M, ks, kw):
     """One launch over up to three linears of different shapes and layouts: each output as its own
     product, deterministically."""
     qts = [random_qtensor(GROUP_K, N, layout, seed=40 + i) for i, (N, layout) in enumerate(GROUP_LAYOUTS[:count])]
     qds = [qt.to(DEV) for qt in qts]
     xh = torch.randn(M, GROUP_K, generator=gen(M + 50)).half().to(DEV)
-    done, ys = _group_native(xh, qds, M, ks)
+    done, ys = _group_native(xh, qds, M, ks, kw)
     assert done
     for qt, y in zip(qts, ys):
         _check_matmul(y, xh, kernels_ref.dequant(qt, torch.float32), True)
-    again = _group_native(xh, qds, M, ks)[1]
+    again = _group_native(xh, qds, M, ks, kw)[1]
     assert all(torch.equal(a, b) for a, b in zip(ys, again)), "not deterministic"
 
 

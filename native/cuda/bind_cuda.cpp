@@ -84,20 +84,21 @@ void register_cuda(py::module_& m) {
                               M, K, N, n_pad, G, io_is_f16, stream, cols_per_thread, k_splits, flags);
     }, nogil);
     // The decode-sized kernel (M <= 32, sm_90) with the per-unit tables of kernels.unit_tables;
-    // returns False when it does not apply. warps (2 or 4, 0 = default) and k_splits (1..16,
-    // 0 = choose) are for benchmarks/kernels.py.
+    // returns False when it does not apply. warps (2 or 4, 0 = default), k_splits (1..16, 0 = choose)
+    // and k_warps (warps along K: 1, 2, 4; 0 = choose) are for benchmarks/kernels.py.
     m.def("exl2_matmul_gemv", [](P x, P qw, P qs, P umeta, P uperm, P y, int64_t M, int64_t K, int64_t N,
-                                 int64_t n_pad, int64_t U, int max_bits, int warps, int k_splits, P stream) {
+                                 int64_t n_pad, int64_t U, int max_bits, int warps, int k_splits, int k_warps,
+                                 P stream) {
         return exl2cuda::exl2_matmul_gemv(ptr<const void>(x), ptr<const int32_t>(qw), ptr<const int32_t>(qs),
                                           ptr<const int32_t>(umeta), ptr<const int32_t>(uperm), ptr<void>(y), M, K,
                                           N, n_pad, U, max_bits, stream, exl2cuda::device_sm_count(),
                                           exl2cuda::device_cc_major(), exl2cuda::device_smem_optin(), warps,
-                                          k_splits);
+                                          k_splits, k_warps);
     }, nogil);
     // Several linears reading the same x in one launch (q, k, v; gate, up): `desc` holds 9 ints per
     // linear (q_weight, q_scale, unit_meta, unit_perm, y, N, n_pad, U, max_bits); false: not launched.
     m.def("exl2_matmul_gemv_group", [](P x, std::vector<int64_t> desc, int64_t M, int64_t K, int warps,
-                                       int k_splits, P stream) {
+                                       int k_splits, int k_warps, P stream) {
         if (desc.size() % 9 || desc.size() > 27) throw std::invalid_argument("exl2_matmul_gemv_group: 9 ints per linear, 1-3 linears");
         std::vector<exl2cuda::GemvLinearDesc> lins;
         for (size_t i = 0; i < desc.size(); i += 9)
@@ -107,7 +108,7 @@ void register_cuda(py::module_& m) {
         py::gil_scoped_release release;
         return exl2cuda::exl2_matmul_gemv_group(ptr<const void>(x), lins.data(), (int)lins.size(), M, K, stream,
                                                 exl2cuda::device_sm_count(), exl2cuda::device_cc_major(),
-                                                exl2cuda::device_smem_optin(), warps, k_splits);
+                                                exl2cuda::device_smem_optin(), warps, k_splits, k_warps);
     });
     m.def("logit_stats", [](P logits, bool is_f16, int64_t T, int64_t V, P targets, P ref_idx, P ref_logp, int64_t k,
                             P nll, P argmax, P kld, P stream) {

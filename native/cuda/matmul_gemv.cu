@@ -277,6 +277,7 @@ struct GemvArgs {
     GemvLinear lin[GV_MAX_LINEARS];
     int tile_end[GV_MAX_LINEARS];  // in blocks along x, cumulative
     int M, K, ks;
+    int kw;  // warps of a block along K (1, 2 or 4): they share its column tiles and split its units
 };
 
 // Field f of linear l without indexing the parameter struct dynamically (that would copy it to
@@ -284,7 +285,8 @@ struct GemvArgs {
 #define GV_PICK(l, f) ((l) == 0 ? a.lin[0].f : (l) == 1 ? a.lin[1].f : a.lin[2].f)
 
 // NT token tiles of 8 (M <= 8 NT). More tiles hold more accumulators: fewer blocks per SM, so each
-// thread may use more registers.
+// thread may use more registers. A block's W warps are W / kw column tiles x kw parts of its units
+// (kw > 1 where the linear has too few column tiles to keep the SMs busy: N = 4096 and less).
 template <int W, int NT>
 __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const GemvArgs a) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -301,7 +303,9 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     const int ub = (int)((int64_t)U * rank / a.ks), ue = (int)((int64_t)U * (rank + 1) / a.ks);
     const int nu = ue - ub;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
-    const int col_base = (bx * W + warp) * GV_COLS;
+    const int wc = W / a.kw, wcol = warp % wc, wk = warp / wc;
+    const int col_base = (bx * wc + wcol) * GV_COLS;
+    const int w0 = nu * wk / a.kw, w1 = nu * (wk + 1) / a.kw;  // this warp's units [w0, w1)
     const bool active = col_base < n_pad;  // idle warps still stage x and join the barriers
     const int sc_off = stage_words - 8;
 
@@ -317,23 +321,15 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     constexpr int CH = 8;
     const int nthr = W * 32, total = nu * 32;
     const int32_t* up = uperm + (int64_t)ub * 32;
-    int src[CH];
-    // Slot i's x divided by its pair's F (slot i % 32 of a unit is in pair (i / 2) % 4): the
-    // fp16 of 2^-log2(F), exact for normal values.
-    __half inv[CH];
+    // Slot i's channel and its unit's width (read with it: no extra round trip), for x divided by
+    // the slot's pair factor F (slot i % 32 of a unit is in pair (i / 2) % 4; 1 / F as fp16 is exact).
+    int src[CH], bits[CH];
     auto load_src = [&](int base) {
 #pragma unroll
         for (int q = 0; q < CH; ++q) {
             const int i = base + q * nthr + (int)threadIdx.x;
             src[q] = i < total ? __ldg(up + i) : -1;
-        }
-    };
-    auto load_inv = [&](int base) {
-#pragma unroll
-        for (int q = 0; q < CH; ++q) {
-            const int i = base + q * nthr + (int)threadIdx.x;
-            const uint32_t f = i < total ? pair_factor_of(um_bits(ums[i >> 5]), (i >> 1) & 3) : 1u;
-            inv[q] = __ushort_as_half((unsigned short)(0x3C00u - ((uint32_t)__ffs((int)f) - 1u) * 0x400u));
+            bits[q] = i < total ? __ldg(&umeta[ub + (i >> 5)].z) & 15 : 4;
         }
     };
     auto store_x = [&](int base) {
@@ -344,7 +340,9 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
 #pragma unroll
             for (int q = 0; q < CH; ++q) {
                 const int i = base + q * nthr + (int)threadIdx.x;
-                if (i < total) xs[((i >> 5) * a.M + m) * 32 + (i & 31)] = __hmul(v[q], inv[q]);
+                const uint32_t f = pair_factor_of(bits[q], (i >> 1) & 3);
+                const __half inv = __ushort_as_half((unsigned short)(0x3C00u - (uint32_t)(__ffs((int)f) - 1) * 0x400u));
+                if (i < total) xs[((i >> 5) * a.M + m) * 32 + (i & 31)] = __hmul(v[q], inv);
             }
         }
     };
@@ -352,7 +350,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     // out while the previous kernel still runs; x (its output, perhaps) is read after the wait.
     grid_dependents_launch();
     load_src(0);
-    const int4 um_lane = lane < nu ? __ldg(umeta + ub + lane) : make_int4(0, 0, 0, 0);
+    const int4 um_lane = lane < w1 - w0 ? __ldg(umeta + ub + w0 + lane) : make_int4(0, 0, 0, 0);
     const LaneCopy lc = lane_copy(qw, qs, n_pad, col_base, lane);
     for (int s = 0; s < GV_STAGES - 1; ++s) {
         int4 um;
@@ -360,24 +358,22 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
         um.y = __shfl_sync(0xffffffffu, um_lane.y, s);
         um.z = __shfl_sync(0xffffffffu, um_lane.z, s);
         um.w = __shfl_sync(0xffffffffu, um_lane.w, s);
-        if (active && s < nu)
-            issue_unit(stages_s + 4u * (unsigned)(s * stage_words), um, lc, 4u * sc_off, um_last(um) || s + 1 == nu);
+        if (active && s < w1 - w0)
+            issue_unit(stages_s + 4u * (unsigned)(s * stage_words), um, lc, 4u * sc_off, um_last(um) || w0 + s + 1 == w1);
         cp_async_commit();
     }
-    // The block's last unit ends its group here: its sums are scaled and its scales staged.
-    for (int i = threadIdx.x; i < nu; i += nthr) {
-        int4 m = __ldg(umeta + ub + i);
-        if (i == nu - 1) m.z |= 1 << 16;
-        ums[i] = m;
-    }
-    __syncthreads();  // ums: the width of each slot's unit, for its x's divisor
-    load_inv(0);
     grid_dependency_wait();
     store_x(0);
     for (int base = CH * nthr; base < total; base += CH * nthr) {
         load_src(base);
-        load_inv(base);
         store_x(base);
+    }
+    // Each warp's last unit ends its group here: its sums are scaled and its scales staged.
+    for (int i = threadIdx.x; i < nu; i += nthr) {
+        int4 m = __ldg(umeta + ub + i);
+        for (int k = 1; k <= a.kw; ++k)
+            if (i == nu * k / a.kw - 1) m.z |= 1 << 16;
+        ums[i] = m;
     }
     __syncthreads();
     // The codes enter the mma as 1024 + F * q (one LOP3 per two weights, no subtraction), so each
@@ -421,24 +417,24 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
         const unsigned sb = 4u * (unsigned)stage_words;
         Ring ring{stages_s, sb, stages_s + GV_STAGES * sb, stages_s, stages_s + (GV_STAGES - 1) * sb, 4u * (unsigned)sc_off};
         const float2* cl = reinterpret_cast<const float2*>(cus) + t;
-        start_segment<NT>(cl, 0, tmp);
-        int u = 0;
-        while (u < nu) {
+        start_segment<NT>(cl, w0, tmp);
+        int u = w0;
+        while (u < w1) {
             switch (um_bits(ums[u])) {
-                case 2: u = run_units<2, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
-                case 3: u = run_units<3, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
-                case 4: u = run_units<4, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
-                case 5: u = run_units<5, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
-                case 6: u = run_units<6, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
-                case 8: u = run_units<8, NT>(u, nu, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
-                default: u = nu; break;  // unreachable: kernels.py admits only these widths
+                case 2: u = run_units<2, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                case 3: u = run_units<3, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                case 4: u = run_units<4, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                case 5: u = run_units<5, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                case 6: u = run_units<6, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                case 8: u = run_units<8, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                default: u = w1; break;  // unreachable: kernels.py admits only these widths
             }
         }
         cp_async_wait<0>();
     }
 
     // 3. Output (each_lane_out: the token and column of each of the lane's sums).
-    if (a.ks == 1) {
+    if (a.ks == 1 && a.kw == 1) {
         if (!active) return;
         // The same walk as each_lane_out, written out: through it the compiler schedules these
         // stores differently, and that version has not been timed.
@@ -454,14 +450,29 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
                 }
         return;
     }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    float* part = cus + (size_t)nu_max * 8 * NT;  // [M][W * 64]
-    const int NO = a.M * W * GV_COLS;
-    each_lane_out(acc, t, gid, a.M, [&](int m, int c, float v) { part[m * W * GV_COLS + warp * GV_COLS + c] = v; });
-    cluster_reduce(part, NO, a.ks, nthr, [&](int i, float sum) {
-        const int m = i / (W * GV_COLS), n = bx * W * GV_COLS + i % (W * GV_COLS);
+    // Partial sums [kw][M][wc * 64]; the kw parts are added in order, then (ks > 1) across the
+    // cluster, in a fixed order either way.
+    float* part = cus + (size_t)nu_max * 8 * NT;
+    const int NO = a.M * wc * GV_COLS;
+    each_lane_out(acc, t, gid, a.M, [&](int m, int c, float v) { part[wk * NO + m * wc * GV_COLS + wcol * GV_COLS + c] = v; });
+    auto write_y = [&](int i, float sum) {
+        const int m = i / (wc * GV_COLS), n = bx * wc * GV_COLS + i % (wc * GV_COLS);
         if (n < N) y[(int64_t)m * N + n] = __float2half_rn(sum);
-    });
+    };
+    if (a.kw > 1) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < NO; i += nthr) {
+            float sum = part[i];
+            for (int k = 1; k < a.kw; ++k) sum += part[k * NO + i];
+            if (a.ks == 1)
+                write_y(i, sum);
+            else
+                part[i] = sum;
+        }
+        if (a.ks == 1) return;
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cluster_reduce(part, NO, a.ks, nthr, write_y);
 #endif
 }
 
@@ -479,7 +490,8 @@ void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
 }  // namespace
 
 bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count, int64_t M, int64_t K,
-                            uintptr_t stream, int sms, int cc_major, int smem_optin, int warps, int k_splits) {
+                            uintptr_t stream, int sms, int cc_major, int smem_optin, int warps, int k_splits,
+                            int k_warps) {
     if (cc_major < 9 || M <= 0 || M > GV_MAX_M || count < 1 || count > GV_MAX_LINEARS) return false;
     const int NT = M <= 8 ? 1 : M <= 16 ? 2 : 4;
     int64_t tiles = 0, u_min = INT64_MAX;
@@ -522,6 +534,20 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
         return m;
     };
     while (smem_max(ks) > (size_t)smem_optin && ks < GV_MAX_KS) ++ks;
+    // Warps along K: where even 16 K splits leave the SMs short of warps (N up to ~8K: 64 columns
+    // per warp), 2 warps of a block split its units, over 12 K splits. At M = 1 on the H200 that
+    // beat every other (warps along K, K splits) pair on 4096x4096 and 14336x4096 at 2.5, 4.0 and
+    // 6.0 bpw by 1-15 % (benchmarks/RESULTS.md, session 6 sweep; clusters of 12 were slower with
+    // kw = 1). At M = 8 the same choice was 1.5x slower on 14336x4096, so it stays at M = 1.
+    int kw = 1;
+    if (k_warps > 0) {
+        kw = k_warps;
+    } else if (k_splits <= 0 && M == 1 && ks == GV_MAX_KS && W == 4 && u_min >= 2 * 12 * 4 &&
+               smem_max(12) <= (size_t)smem_optin) {
+        kw = 2;
+        ks = 12;
+    }
+    if (W % kw) return false;
     const size_t smem = smem_max(ks);
     if (smem > (size_t)smem_optin) return false;
     GemvArgs a = {};
@@ -529,6 +555,7 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
     a.M = (int)M;
     a.K = (int)K;
     a.ks = ks;
+    a.kw = kw;
     int blocks = 0;
     for (int l = 0; l < GV_MAX_LINEARS; ++l) {
         if (l < count) {
@@ -544,7 +571,7 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
             g.U = (int)d.U;
             g.nu_max = (int)cdiv(d.U, ks);
             g.stage_words = d.max_bits * GV_ROW_WORDS + 8;
-            blocks += (int)cdiv(cdiv(d.n_pad, GV_COLS), W);
+            blocks += (int)cdiv(cdiv(d.n_pad, GV_COLS), W / kw);
         }
         a.tile_end[l] = blocks;
     }
@@ -562,9 +589,9 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
 bool exl2_matmul_gemv(const void* x, const int32_t* q_weight, const int32_t* q_scale, const int32_t* unit_meta,
                       const int32_t* unit_perm, void* y, int64_t M, int64_t K, int64_t N, int64_t n_pad, int64_t U,
                       int max_bits, uintptr_t stream, int sms, int cc_major, int smem_optin, int warps,
-                      int k_splits) {
+                      int k_splits, int k_warps) {
     const GemvLinearDesc d{q_weight, q_scale, unit_meta, unit_perm, y, N, n_pad, U, max_bits};
-    return exl2_matmul_gemv_group(x, &d, 1, M, K, stream, sms, cc_major, smem_optin, warps, k_splits);
+    return exl2_matmul_gemv_group(x, &d, 1, M, K, stream, sms, cc_major, smem_optin, warps, k_splits, k_warps);
 }
 
 }  // namespace exl2cuda

@@ -9,11 +9,12 @@ namespace exl2cuda {
 // unit_perm (int32 [U * 32]) are the per-unit tables of exl2build.kernels.unit_tables; max_bits is
 // the largest bit width of the linear. Returns false (nothing launched) when it does not apply:
 // older GPU, M out of range, misaligned tensors, or too little shared memory.
-// warps: 2 or 4 per block (0 = 4); k_splits: 0 = choose, else 1..16.
+// warps: 2 or 4 per block (0 = 4); k_splits: 0 = choose, else 1..16; k_warps: the block's warps
+// along K (0 = choose, else 1, 2 or 4 dividing warps).
 bool exl2_matmul_gemv(const void* x, const int32_t* q_weight, const int32_t* q_scale, const int32_t* unit_meta,
                       const int32_t* unit_perm, void* y, int64_t M, int64_t K, int64_t N, int64_t n_pad, int64_t U,
                       int max_bits, uintptr_t stream, int sms, int cc_major, int smem_optin, int warps = 0,
-                      int k_splits = 0);
+                      int k_splits = 0, int k_warps = 0);
 
 // One launch for up to 3 linears that read the same x (q, k, v; gate, up): y_l = x @ W_l for each.
 struct GemvLinearDesc {
@@ -27,6 +28,6 @@ struct GemvLinearDesc {
 };
 bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count, int64_t M, int64_t K,
                             uintptr_t stream, int sms, int cc_major, int smem_optin, int warps = 0,
-                            int k_splits = 0);
+                            int k_splits = 0, int k_warps = 0);
 
 }  // namespace exl2cuda
