@@ -1,14 +1,16 @@
 #!/bin/bash
-# A/B of the batch-1 decode step between two trees on one GPU, in one device call (a fresh machine
-# per call differs by 5-10 % from the last one, so A/B across calls cannot resolve small changes).
-# Builds BASE (a checkout of the earlier commit, e.g. `git worktree add .ab_base REV`, carried to the
-# device) and this tree side by side (CUDA, sm_90), then runs decode_ops.py for each preset with
-# the two builds alternating, ROUNDS times. Logs in $OUT/ab_decode.log.
-# Usage: BASE=.ab_base [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] bash benchmarks/device_ab_decode.sh
+# A/B of the batch-1 decode step between trees on one GPU, in one device call (a fresh machine per
+# call differs by 5-10 % from the last one, so A/B across calls cannot resolve small changes).
+# Builds each tree of TREES (name:dir pairs; dirs are checkouts of other commits, e.g.
+# `git worktree add .ab_base REV`, carried to the device; "." is this tree) side by side (CUDA,
+# sm_90), then runs decode_ops.py for each preset with the builds alternating, ROUNDS times.
+# Logs in $OUT/ab_decode.log.
+# Usage: TREES='base:.ab_base head:.' [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] \
+#        bash benchmarks/device_ab_decode.sh
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-BASE=$(cd "$REPO/${BASE:?BASE: the earlier tree}" && pwd)
+read -ra trees <<< "${TREES:?TREES: name:dir pairs}"
 OUT=${OUT:-/tmp/exl2build-out}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -17,18 +19,19 @@ for pair in hydra:hydra_core omegaconf:omegaconf antlr4:antlr4 gguf:gguf; do
   f=$(ls "$REPO"/.whl/${pair#*:}-* 2>/dev/null | head -1); [ -n "$f" ] && $PY -m pip install -q --no-index --no-deps --no-build-isolation "$f" >/dev/null 2>&1
 done
 build() {  # tree, target dir
-  EXL2BUILD_CUDA=ON EXL2BUILD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=8 timeout 400 \
+  EXL2BUILD_CUDA=ON EXL2BUILD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=6 timeout 400 \
     $PY -m pip install --no-build-isolation --no-deps --no-cache-dir --target "$2" "$1" > "$2.log" 2>&1
 }
 t0=$(date +%s)
-build "$BASE" /tmp/ab_base & build "$REPO" /tmp/ab_head & wait
-echo "builds done in $(( $(date +%s) - t0 )) s"; tail -2 /tmp/ab_base.log /tmp/ab_head.log
+for tr in "${trees[@]}"; do build "$(cd "$REPO/${tr#*:}" && pwd)" "/tmp/ab_${tr%%:*}" & done; wait
+echo "builds done in $(( $(date +%s) - t0 )) s"
+for tr in "${trees[@]}"; do echo "${tr%%:*}: $(tail -1 "/tmp/ab_${tr%%:*}.log")"; done
 IFS=';' read -ra presets <<< "${PRESETS:-llama2-7b --exl2 4.0;smollm2 --exl2 4.0}"
 : > "$OUT/ab_decode.log"
 for r in $(seq "${ROUNDS:-2}"); do
   for preset in "${presets[@]}"; do
-    for side in base head; do
-      tree=$BASE; [ $side = head ] && tree=$REPO
+    for tr in "${trees[@]}"; do
+      side=${tr%%:*}; tree=$(cd "$REPO/${tr#*:}" && pwd)
       line=$(cd /tmp && PYTHONPATH=/tmp/ab_$side timeout 180 $PY "$tree/benchmarks/decode_ops.py" --device cuda --preset $preset 2>&1 | grep "CUDA graph step")
       echo "round $r | $side | $preset | $line" | tee -a "$OUT/ab_decode.log"
     done

@@ -265,6 +265,14 @@ def dequant(qt, dtype: torch.dtype = torch.float16) -> torch.Tensor:
 # Position of unit slot i (row i of a 32-row unit) in the tensor-core kernels' K-slot order:
 # pair r = rows (8t + r, 8t + r + 4) of lane t, stored as [t][pair][lo/hi] (tc_decode.cuh).
 _SLOT_POSITION = torch.tensor([(i >> 3) * 8 + (i & 3) * 2 + ((i >> 2) & 1) for i in range(32)])
+# log2 of the pair factor F of native/cuda/tc_decode.cuh (pair_factor): the decoders leave code r of a
+# pair at 1024 + F * q, so the decode-sized kernel stages x / F for the slots of pair r.
+_PAIR_LOG2 = {2: (0, 2, 4, 6), 3: (0, 3, 6, 3), 4: (0, 4, 0, 4), 5: (0, 5, 0, 0), 6: (0, 0, 4, 0), 8: (0, 0, 0, 0)}
+UNIT_PERM_CHANNEL = 0xFFFFFF  # unit_perm entries: channel | log2(F) << 24 (-1: past a short unit's rows)
+# [bits][slot position] -> log2(F); slot position p of a unit is in pair (p // 2) % 4.
+_SLOT_LOG2 = torch.zeros(9, 32, dtype=torch.int64)
+for _b, _l2 in _PAIR_LOG2.items():
+    _SLOT_LOG2[_b] = torch.tensor([_l2[(p >> 1) & 3] for p in range(32)])
 
 
 def unit_tables(qt) -> tuple[torch.Tensor, torch.Tensor, int] | None:
@@ -273,7 +281,8 @@ def unit_tables(qt) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     A unit is 32 rows of one group (a group's last unit may be shorter). unit_meta holds, per
     unit: first word row in q_weight, first permuted K row, bits | words << 4 | rows << 10 |
     (last unit of its group) << 16, and group | q_scale_max bits << 16. unit_perm holds the
-    input channel of each unit slot in the kernels' K-slot order (-1 past a short unit's rows).
+    input channel of each unit slot in the kernels' K-slot order (bits 0-23; -1 past a short unit's
+    rows) and, in bits 24-26, log2 of the slot's pair factor (the decode-sized kernel divides x by it).
     The decode-sized CUDA kernel reads these instead of rebuilding them in every block. Built
     on the host once per QTensor and cached while its tensors stay the same; None when the
     linear has more groups than the tables can name (65536).
@@ -309,7 +318,8 @@ def _unit_tables(qt, ident: tuple):
         by_pos[:, _SLOT_POSITION] = src
         by_pos = by_pos.reshape(-1).to(qt.q_weight.device)
         perm = qt.perm.long()
-        uperm = torch.where(by_pos >= 0, perm[by_pos.clamp(min=0)], -1).to(torch.int32)
+        factor = _SLOT_LOG2[(meta_t[:, 2] & 15).long()].reshape(-1).to(by_pos.device) << 24
+        uperm = torch.where(by_pos >= 0, perm[by_pos.clamp(min=0)] | factor, -1).to(torch.int32)
         tables = (meta_t.to(qt.q_weight.device), uperm, max(b for b, _, _ in groups))
     object.__setattr__(qt, "_unit_tables", (ident, tables))
     return tables

@@ -217,6 +217,10 @@ def test_exl2_matmul_zero_rows():
     assert kernels.exl2_matmul(torch.zeros(0, 64), qt).shape == (0, 32)
 
 
+# pair_factor of native/cuda/tc_decode.cuh: where the CUDA decoders leave code r of each pair (1024 + F * q).
+PAIR_FACTOR = {2: (1, 4, 16, 64), 3: (1, 8, 64, 8), 4: (1, 16, 1, 16), 5: (1, 32, 1, 1), 6: (1, 1, 16, 1), 8: (1, 1, 1, 1)}
+
+
 @pytest.mark.parametrize("K,N,layout", LAYOUTS + [(100, 40, [(8, 64), (8, 36)])])
 def test_unit_tables_describe_every_row_once(K, N, layout):
     """The decode-sized CUDA kernel's tables: each unit names its words, rows, group and scale_max,
@@ -242,10 +246,13 @@ def test_unit_tables_describe_every_row_once(K, N, layout):
         assert (w & 0xFFFF, (w >> 16) & 0xFFFF) == (g, smax_bits[g] & 0xFFFF)
         for i in range(32):
             pos = (i >> 3) * 8 + (i & 3) * 2 + ((i >> 2) & 1)  # lane i // 8, pair i % 4, half (i // 4) % 2
-            got = uperm[32 * u + pos].item()
+            entry = uperm[32 * u + pos].item()
+            got = entry & kernels.UNIT_PERM_CHANNEL if entry >= 0 else -1
             assert got == (perm[k0 + i] if i < rows else -1)
             if got >= 0:
                 seen.append(got)
+                # bits 24-26: log2 of the pair factor of slot position pos (pair (pos // 2) % 4)
+                assert 1 << (entry >> 24) == PAIR_FACTOR[bits][(pos >> 1) & 3]
     assert sorted(seen) == list(range(K))
 
 
@@ -256,7 +263,7 @@ def test_unit_tables_follow_a_replaced_permutation():
     qt.q_invperm = qt.q_invperm.flip(0).contiguous()
     again = kernels.unit_tables(qt)[1]
     assert not torch.equal(first, again)
-    assert sorted(again.tolist()) == list(range(64))
+    assert sorted((again & kernels.UNIT_PERM_CHANNEL).tolist()) == list(range(64))
 
 
 # ----------------------------------------------------------------------------- logits

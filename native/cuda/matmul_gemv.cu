@@ -321,27 +321,26 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     constexpr int CH = 8;
     const int nthr = W * 32, total = nu * 32;
     const int32_t* up = uperm + (int64_t)ub * 32;
-    // Slot i's channel and its unit's width (read with it: no extra round trip), for x divided by
-    // the slot's pair factor F (slot i % 32 of a unit is in pair (i / 2) % 4; 1 / F as fp16 is exact).
-    int src[CH], bits[CH];
+    // unit_perm entries: slot i's channel | log2(F) << 24, F its pair factor (x is staged as x / F;
+    // 1 / F as fp16 is exact); -1 past a short unit's rows.
+    int src[CH];
     auto load_src = [&](int base) {
 #pragma unroll
         for (int q = 0; q < CH; ++q) {
             const int i = base + q * nthr + (int)threadIdx.x;
             src[q] = i < total ? __ldg(up + i) : -1;
-            bits[q] = i < total ? __ldg(&umeta[ub + (i >> 5)].z) & 15 : 4;
         }
     };
     auto store_x = [&](int base) {
         for (int m = 0; m < a.M; ++m) {
             __half v[CH];
 #pragma unroll
-            for (int q = 0; q < CH; ++q) v[q] = src[q] >= 0 ? a.x[(int64_t)m * a.K + src[q]] : __float2half(0.0f);
+            for (int q = 0; q < CH; ++q)
+                v[q] = src[q] >= 0 ? a.x[(int64_t)m * a.K + (src[q] & 0xFFFFFF)] : __float2half(0.0f);
 #pragma unroll
             for (int q = 0; q < CH; ++q) {
                 const int i = base + q * nthr + (int)threadIdx.x;
-                const uint32_t f = pair_factor_of(bits[q], (i >> 1) & 3);
-                const __half inv = __ushort_as_half((unsigned short)(0x3C00u - (uint32_t)(__ffs((int)f) - 1) * 0x400u));
+                const __half inv = __ushort_as_half((unsigned short)(0x3C00u - ((unsigned)src[q] >> 24 & 7u) * 0x400u));
                 if (i < total) xs[((i >> 5) * a.M + m) * 32 + (i & 31)] = __hmul(v[q], inv);
             }
         }

@@ -258,7 +258,8 @@ __global__ void __launch_bounds__(DQ_WARPS * 32) dequant_units_kernel(
     const int col0 = base + 4 * gid, col1 = base + 32 + 4 * gid;
     Stage st;
     load_unit_meta(st, um, qw, qs, n_pad, t, col0, col1, col0 < n_pad, col1 < n_pad);
-    // The lane's rows 8t + r + 4hh sit at K slots 8t + 2r + hh of unit_perm (-1: past a short unit).
+    // The lane's rows 8t + r + 4hh sit at K slots 8t + 2r + hh of unit_perm (channel in bits 0-23;
+    // -1: past a short unit).
     const int4 pa = __ldg(reinterpret_cast<const int4*>(uperm + (int64_t)u * 32 + 8 * t));
     const int4 pb = __ldg(reinterpret_cast<const int4*>(uperm + (int64_t)u * 32 + 8 * t + 4));
     const int slot[8] = {pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w};
@@ -300,8 +301,8 @@ __global__ void __launch_bounds__(DQ_WARPS * 32) dequant_units_kernel(
         // Swap with lane ^ 4 (gid ^ 1): even lanes give their second chunk, odd lanes their first.
         const uint32_t s0 = __shfl_xor_sync(0xffffffffu, odd ? w[0][0] : w[1][0], 4);
         const uint32_t s1 = __shfl_xor_sync(0xffffffffu, odd ? w[0][1] : w[1][1], 4);
-        const int orow = slot[2 * r + hh];
-        if (orow < 0) continue;
+        const int orow = slot[2 * r + hh] & 0xFFFFFF;  // bits 24-26: the gemv's pair factor
+        if (slot[2 * r + hh] < 0) continue;
         const uint4 o = odd ? make_uint4(s0, s1, w[1][0], w[1][1]) : make_uint4(w[0][0], w[0][1], s0, s1);
         __half* dst = out + (int64_t)orow * N + scol;
         if (vec) {
