@@ -249,8 +249,9 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
         if (um_last(um)) {
             read_scales(st, ring.cur, lr);
             finish_group<NT>(st.sc, gid, (unsigned short)(um.w >> 16), tmp, acc);
-            // After the block's last unit this reads 8 NT floats past cus (inside the partial sums'
-            // area, which the launch always allocates) and the values are never used.
+            // After a warp's last unit this reads the next unit's entry, at most one past the
+            // block's units: cus has a spare unit of padding that nothing writes (no race with
+            // the partial sums other warps may be writing), and the values are never used.
             start_segment<NT>(cl, u + 1, tmp);
         }
         ring.advance();
@@ -451,7 +452,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     }
     // Partial sums [kw][M][wc * 64]; the kw parts are added in order, then (ks > 1) across the
     // cluster, in a fixed order either way.
-    float* part = cus + (size_t)nu_max * 8 * NT;
+    float* part = cus + (size_t)(nu_max + 1) * 8 * NT;  // past cus and its spare unit
     const int NO = a.M * wc * GV_COLS;
     each_lane_out(acc, t, gid, a.M, [&](int m, int c, float v) { part[wk * NO + m * wc * GV_COLS + wcol * GV_COLS + c] = v; });
     auto write_y = [&](int i, float sum) {
@@ -524,7 +525,7 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
         const int64_t nu_max = cdiv(lins[l].U, k);
         const int64_t xs_bytes = cdiv(nu_max * M * 32 * 2, 16) * 16;
         const int64_t stage_words = lins[l].max_bits * GV_ROW_WORDS + 8;
-        return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + nu_max * (16 + 32 * NT) +
+        return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + nu_max * (16 + 32 * NT) + 32 * NT +
                         M * W * GV_COLS * 4);
     };
     auto smem_max = [&](int k) {
