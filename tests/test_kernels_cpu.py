@@ -224,7 +224,8 @@ PAIR_FACTOR = {2: (1, 4, 16, 64), 3: (1, 8, 64, 8), 4: (1, 16, 1, 16), 5: (1, 32
 @pytest.mark.parametrize("K,N,layout", LAYOUTS + [(100, 40, [(8, 64), (8, 36)])])
 def test_unit_tables_describe_every_row_once(K, N, layout):
     """The decode-sized CUDA kernel's tables: each unit names its words, rows, group and scale_max,
-    and unit_perm maps each unit slot (in the kernels' K-slot order) to the row's input channel."""
+    and unit_perm maps each unit slot (in the kernels' K-slot order) to the row's input channel, with
+    log2 of the slot's pair factor in bits 24-26."""
     qt = mixed_qtensor(K, N, layout, seed=K)
     meta, uperm, max_bits = kernels.unit_tables(qt)
     assert max_bits == max(b for b, _ in layout)

@@ -438,7 +438,7 @@ def test_exl2_matmul_gemv_declines_k_warps_not_dividing_warps():
 @needs_sm90
 @pytest.mark.parametrize("offset", [3.0, -20.0])
 def test_exl2_matmul_gemv_activations_far_from_zero_mean(offset):
-    """The kernel subtracts (1024 + 2^(b-1)) * sum(x) from f32 sums that carry it: activations with
+    """The kernel subtracts sum((1024 + F * 2^(b-1)) * x / F) from f32 sums that carry it: activations with
     a large mean (sum(x) >> the signal) still meet the bound."""
     K, N, layout = 1024, 1000, [(8, 128), (6, 128), (5, 128), (4, 256), (3, 256), (2, 128)]
     qt = random_qtensor(K, N, layout, seed=21)

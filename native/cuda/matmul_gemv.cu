@@ -536,8 +536,9 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
     while (smem_max(ks) > (size_t)smem_optin && ks < GV_MAX_KS) ++ks;
     // Warps along K: where even 16 K splits leave the SMs short of warps (N up to ~8K: 64 columns
     // per warp), 2 warps of a block split its units, over 12 K splits. At M = 1 on the H200 that
-    // beat every other (warps along K, K splits) pair on 4096x4096 and 14336x4096 at 2.5, 4.0 and
-    // 6.0 bpw by 1-15 % (benchmarks/RESULTS.md, session 6 sweep; clusters of 12 were slower with
+    // was the fastest (warps along K, K splits) pair on 4096x4096 and 14336x4096 at 2.5, 4.0 and
+    // 6.0 bpw but for 4096x4096 at 4.0 bpw (8 % behind (2, 8)); 14336x4096 gained 9-15 % over
+    // 16 K splits alone (benchmarks/RESULTS.md, session 6 sweep; clusters of 12 were slower with
     // kw = 1). At M = 8 the same choice was 1.5x slower on 14336x4096, so it stays at M = 1.
     int kw = 1;
     if (k_warps > 0) {
