@@ -304,9 +304,10 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     const int ub = (int)((int64_t)U * rank / a.ks), ue = (int)((int64_t)U * (rank + 1) / a.ks);
     const int nu = ue - ub;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
-    const int wc = W / a.kw, wcol = warp % wc, wk = warp / wc;
+    // kw is 1, 2 or 4: shifts, not integer divisions (~20 instructions each, some per staged unit)
+    const int lkw = a.kw >> 1, wc = W >> lkw, wcol = warp & (wc - 1), wk = warp >> (31 - __clz(wc));
     const int col_base = (bx * wc + wcol) * GV_COLS;
-    const int w0 = nu * wk / a.kw, w1 = nu * (wk + 1) / a.kw;  // this warp's units [w0, w1)
+    const int w0 = (nu * wk) >> lkw, w1 = (nu * (wk + 1)) >> lkw;  // this warp's units [w0, w1)
     const bool active = col_base < n_pad;  // idle warps still stage x and join the barriers
     const int sc_off = stage_words - 8;
 
@@ -372,7 +373,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     for (int i = threadIdx.x; i < nu; i += nthr) {
         int4 m = __ldg(umeta + ub + i);
         for (int k = 1; k <= a.kw; ++k)
-            if (i == nu * k / a.kw - 1) m.z |= 1 << 16;
+            if (i == ((nu * k) >> lkw) - 1) m.z |= 1 << 16;
         ums[i] = m;
     }
     __syncthreads();
