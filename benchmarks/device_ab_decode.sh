@@ -4,7 +4,8 @@
 # Builds each tree of TREES (name:dir pairs; dirs are checkouts of other commits, e.g.
 # `git worktree add .ab_base REV`, carried to the device; "." is this tree) side by side (CUDA,
 # sm_90), then runs decode_ops.py for each preset with the builds alternating, ROUNDS times.
-# Logs in $OUT/ab_decode.log.
+# Logs in $OUT/ab_decode.log. KERNELS=1 also times exl2_matmul at M = 1, 8, 16, 32 on the four Llama shapes
+# (`kernels.py --gemv --no-sweep`) for each build, alternating, and joins them in $OUT/ab_kernels.md.
 # Usage: TREES='base:.ab_base head:.' [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] \
 #        bash benchmarks/device_ab_decode.sh
 set -u -o pipefail
@@ -37,3 +38,31 @@ for r in $(seq "${ROUNDS:-2}"); do
     done
   done
 done
+[ -n "${KERNELS:-}" ] || exit 0
+for r in $(seq "${ROUNDS:-2}"); do
+  for tr in "${trees[@]}"; do
+    side=${tr%%:*}; tree=$(cd "$REPO/${tr#*:}" && pwd)
+    (cd /tmp && PYTHONPATH=/tmp/ab_$side timeout 240 $PY "$tree/benchmarks/kernels.py" --gemv --no-sweep) \
+      > "$OUT/ab_kernels_${side}_$r.log" 2>&1
+    echo "round $r | $side | kernels.py rc=$?"
+  done
+done
+# One row per shape, bpw and M: each build's median over the rounds.
+$PY - "$OUT" "${trees[@]}" <<'PYEOF'
+import glob, re, statistics, sys
+out, sides = sys.argv[1], [t.split(":")[0] for t in sys.argv[2:]]
+times = {}
+for side in sides:
+    for path in glob.glob(f"{out}/ab_kernels_{side}_*.log"):
+        for line in open(path):
+            m = re.match(r"\s*(\d+x\d+)\s+([\d.]+) bpw M=(\d+)\s+([\d.]+) us", line)
+            if m:
+                times.setdefault((m[1], m[2], int(m[3])), {}).setdefault(side, []).append(float(m[4]))
+rows = ["| K x N | bpw | M | " + " | ".join(f"{s} us" for s in sides) + f" | {sides[-1]} / {sides[0]} |",
+        "|---" * (4 + len(sides)) + "|"]
+for key in sorted(times, key=lambda k: (int(k[0].split("x")[0]) * int(k[0].split("x")[1]), k[1], k[2])):
+    med = [statistics.median(times[key][s]) if s in times[key] else float("nan") for s in sides]
+    rows.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(f"{t:.1f}" for t in med) + f" | {med[-1] / med[0]:.3f} |")
+open(f"{out}/ab_kernels.md", "w").write("\n".join(rows) + "\n")
+print("\n".join(rows))
+PYEOF

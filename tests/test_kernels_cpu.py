@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exl2build import kernels, kernels_ref
+from exl2build import _native, kernels, kernels_ref
 from exl2build.format.exl2 import build_qtensor
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -255,6 +255,17 @@ def test_unit_tables_describe_every_row_once(K, N, layout):
                 # bits 24-26: log2 of the pair factor of slot position pos (pair (pos // 2) % 4)
                 assert 1 << (entry >> 24) == PAIR_FACTOR[bits][(pos >> 1) & 3]
     assert sorted(seen) == list(range(K))
+
+
+@pytest.mark.skipif(not getattr(_native, "built_with_cuda", False), reason="the CUDA decoders are not built")
+def test_unit_perm_factors_match_the_cuda_decoders():
+    """unit_tables packs log2 of each slot's pair factor for the decode-sized kernel; the factors are
+    where the CUDA decoders (native/cuda/pair_factor.h, a host function: no GPU needed) leave the codes."""
+    for bits, log2s in kernels._PAIR_LOG2.items():
+        assert [_native.cuda.pair_factor(bits, r) for r in range(4)] == [1 << v for v in log2s]
+        assert [1 << v for v in log2s] == list(PAIR_FACTOR[bits])
+    with pytest.raises(ValueError, match="bits"):
+        _native.cuda.pair_factor(7, 0)
 
 
 def test_unit_tables_follow_a_replaced_permutation():

@@ -15,6 +15,7 @@
 #include "kernels_cuda.cuh"
 #include "matmul_gemv.cuh"
 #include "matmul_tc.cuh"
+#include "pair_factor.h"
 
 namespace py = pybind11;
 using P = std::uintptr_t;
@@ -86,6 +87,20 @@ void register_cuda(py::module_& m) {
     // The decode-sized kernel (M <= 32, sm_90) with the per-unit tables of kernels.unit_tables;
     // returns False when it does not apply. warps (2 or 4, 0 = default), k_splits (1..16, 0 = choose)
     // and k_warps (warps along K: 1, 2, 4; 0 = choose) are for benchmarks/kernels.py.
+    // F of pair r (0..3) at `bits`: where the CUDA decoders leave the code (pair_factor.h); for the
+    // test that holds kernels.unit_tables' packed factors to it.
+    m.def("pair_factor", [](int bits, int r) {
+        if (r < 0 || r > 3) throw std::invalid_argument("pair_factor: r is 0..3");
+        switch (bits) {
+            case 2: return exl2cuda::pair_factor<2>(r);
+            case 3: return exl2cuda::pair_factor<3>(r);
+            case 4: return exl2cuda::pair_factor<4>(r);
+            case 5: return exl2cuda::pair_factor<5>(r);
+            case 6: return exl2cuda::pair_factor<6>(r);
+            case 8: return exl2cuda::pair_factor<8>(r);
+            default: throw std::invalid_argument("pair_factor: bits is 2, 3, 4, 5, 6 or 8");
+        }
+    });
     m.def("exl2_matmul_gemv", [](P x, P qw, P qs, P umeta, P uperm, P y, int64_t M, int64_t K, int64_t N,
                                  int64_t n_pad, int64_t U, int max_bits, int warps, int k_splits, int k_warps,
                                  P stream) {

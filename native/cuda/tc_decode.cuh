@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "pair_factor.h"
 
 namespace exl2cuda {
 
@@ -46,19 +47,9 @@ __device__ __forceinline__ uint32_t select_bits(uint32_t a, uint32_t b) {
     return d;
 }
 
-// Where decode_pairs leaves code r of each pair: at bit log2(F) of its fp16 half, so the half
-// reads 1024 + F * code (F = pair_factor<B>(r), a power of two: the mask takes the code where it
-// lies, with no shift). Callers divide by F: center() in its fused multiply-add, the decode-sized
-// matmul by scaling x's K slots of pair r by 1 / F (exact for normal fp16 values).
-template <int B>
-__host__ __device__ constexpr uint32_t pair_factor(int r) {
-    if constexpr (B == 2) return 1u << (2 * r);
-    if constexpr (B == 3) return r == 0 ? 1u : r == 2 ? 64u : 8u;
-    if constexpr (B == 4) return (r & 1) ? 16u : 1u;
-    if constexpr (B == 5) return r == 1 ? 32u : 1u;
-    if constexpr (B == 6) return r == 2 ? 16u : 1u;
-    return 1u;
-}
+// decode_pairs leaves code r of each pair at 1024 + F * code, F = pair_factor<B>(r)
+// (pair_factor.h). Callers divide by F: center() in its fused multiply-add, the decode-sized matmul
+// by staging x's K slots of pair r as x / F (exact for normal fp16 values).
 
 // Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + F_r * code,
 // from the 64-bit window (hi:lo) that starts at the lane's first code. Each width first gathers

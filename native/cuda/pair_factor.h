@@ -1,0 +1,25 @@
+// Where the EXL2 decoders of tc_decode.cuh leave each code: a plain header, so that the host
+// bindings can expose the table and the tests can hold exl2build.kernels' copy (unit_perm's packed
+// factors) to it.
+#pragma once
+#include <cstdint>
+
+namespace exl2cuda {
+
+// A lane's codes r and r + 4 of a column form one fp16 pair; decode_pairs masks code r where it
+// lies, at bit log2(F) of its half, so the half reads 1024 + F * code. F = pair_factor<B>(r), a power
+// of two (1 where the code had to be shifted down to bit 0 to stay clear of the exponent bits).
+template <int B>
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+constexpr uint32_t pair_factor(int r) {
+    if constexpr (B == 2) return 1u << (2 * r);
+    if constexpr (B == 3) return r == 0 ? 1u : r == 2 ? 64u : 8u;
+    if constexpr (B == 4) return (r & 1) ? 16u : 1u;
+    if constexpr (B == 5) return r == 1 ? 32u : 1u;
+    if constexpr (B == 6) return r == 2 ? 16u : 1u;
+    return 1u;
+}
+
+}  // namespace exl2cuda
