@@ -301,7 +301,10 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     const int N = GV_PICK(l, N), n_pad = GV_PICK(l, n_pad), U = GV_PICK(l, U), nu_max = GV_PICK(l, nu_max);
     const int stage_words = GV_PICK(l, stage_words);
     const int rank = blockIdx.y;
-    const int ub = (int)((int64_t)U * rank / a.ks), ue = (int)((int64_t)U * (rank + 1) / a.ks);
+    // 32-bit: a 64-bit division is a ~100-instruction call at the head of every block (the host
+    // admits U * ks < 2^31).
+    const int ub = (int)((unsigned)U * (unsigned)rank / (unsigned)a.ks);
+    const int ue = (int)((unsigned)U * (unsigned)(rank + 1) / (unsigned)a.ks);
     const int nu = ue - ub;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
     // kw is 1, 2 or 4: shifts, not integer divisions (~20 instructions each, some per staged unit)
@@ -504,6 +507,7 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
             return false;
         // 32-bit byte offsets inside q_weight and q_scale (LaneCopy): U units of at most 8 word rows.
         if ((d.U * 8 + 8) * d.n_pad * 4 >= (1LL << 31)) return false;
+        if (d.U * GV_MAX_KS >= (1LL << 31)) return false;  // the kernel's 32-bit unit ranges
         tiles += cdiv(d.n_pad, GV_COLS);
         u_min = std::min(u_min, d.U);
     }
