@@ -5,22 +5,24 @@
 // happens before the first load. Compared with matmul_tc.cu (which serves M up to 32):
 //  * The per-unit bookkeeping comes from tables built once per linear on the host (unit_meta:
 //    word row, bit width, rows, group, scale_max per 32-row unit; unit_perm: the input
-//    channel of each K slot of each unit, in the mma's slot order). No group-table scan, no
-//    binary searches: a block's first weight loads go out after one round trip.
+//    channel of each K slot of each unit, in the mma's slot order, and log2 of its pair factor).
+//    No group-table scan, no binary searches: a block's first weight loads go out after one
+//    round trip.
 //  * Each warp owns 64 output columns and streams its units through a ring of GV_STAGES
 //    shared-memory stages with cp.async, so up to GV_STAGES - 1 units per warp are in flight
-//    without holding registers; the warps of a block share one K range and one staged x.
-//  * Many small blocks: K is split over a thread-block cluster (a power of two, up to 16 blocks) and
-//    the partial sums are reduced through distributed shared memory in a fixed order, so the
-//    result does not depend on timing (no atomics).
+//    without holding registers; the warps of a block share one K range and one staged x (with
+//    kw > 1, the block's warps also split that range: kw warps per column tile).
+//  * Many small blocks: K is split over a thread-block cluster (up to 16 blocks: a power of two,
+//    or 12 with kw = 2) and the partial sums are reduced through shared and distributed shared
+//    memory in a fixed order, so the result does not depend on timing (no atomics).
 //  * Programmatic dependent launch: the kernel lets the next one start at once and issues its
 //    first weight copies before waiting for the previous kernel, so in a chain of linears (q, k,
 //    v; gate, up) each one's first round trips overlap the previous one's tail.
 //  * Decoding and the mma are those of tc_decode.cuh (f32 accumulation, per-group fp16 scales),
 //    except that codes enter the mma as 1024 + F * q without the subtraction (pair_factor: F is
 //    a power of two that spares a shift); x's K slots are staged divided by F, and the block
-//    computes sum((1024 + F * 2^(b-1)) * x / F) per unit once; each group's sums drop it before
-//    scaling.
+//    computes sum((1024 + F * 2^(b-1)) * x / F) once per group segment; each segment's sums start
+//    from minus that value.
 
 #include <algorithm>
 #include <climits>
