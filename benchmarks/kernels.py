@@ -462,10 +462,10 @@ def sanitize_pass():
                                    (0, 5, 16), (0, 0, 16)):
                 y = torch.empty(M, N, device="cuda", dtype=torch.float16)
                 C.exl2_matmul_cfg(*matmul_args(x, qt, y), stream(), cpt, ks, flags)
-            if M <= 8:
-                for warps, ks in ((2, 1), (4, 3), (4, 16), (2, 9)):
+            if M <= 8:  # (warps, K splits, warps along K), the last two with warps splitting a block's units
+                for warps, ks, kw in ((2, 1, 0), (4, 3, 0), (4, 16, 0), (2, 9, 0), (4, 12, 2), (4, 3, 4)):
                     y = torch.empty(M, N, device="cuda", dtype=torch.float16)
-                    gemv([gemv_args(x, qt, y)], warps, ks)()
+                    gemv([gemv_args(x, qt, y)], warps, ks, kw)()
     logits = torch.randn(5, 3001, device="cuda").half()
     t = torch.randint(0, 3001, (5,), device="cuda")
     lp = torch.log_softmax(torch.randn(5, 3001, device="cuda"), 1).topk(8, 1)

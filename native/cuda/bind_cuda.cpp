@@ -84,23 +84,16 @@ void register_cuda(py::module_& m) {
                               ptr<const uint16_t>(qsm), ptr<const int16_t>(qg), ptr<const int32_t>(perm), ptr<void>(y),
                               M, K, N, n_pad, G, io_is_f16, stream, cols_per_thread, k_splits, flags);
     }, nogil);
-    // The decode-sized kernel (M <= 32, sm_90) with the per-unit tables of kernels.unit_tables;
-    // returns False when it does not apply. warps (2 or 4, 0 = default), k_splits (1..16, 0 = choose)
-    // and k_warps (warps along K: 1, 2, 4; 0 = choose) are for benchmarks/kernels.py.
     // F of pair r (0..3) at `bits`: where the CUDA decoders leave the code (pair_factor.h); for the
     // test that holds kernels.unit_tables' packed factors to it.
     m.def("pair_factor", [](int bits, int r) {
         if (r < 0 || r > 3) throw std::invalid_argument("pair_factor: r is 0..3");
-        switch (bits) {
-            case 2: return exl2cuda::pair_factor<2>(r);
-            case 3: return exl2cuda::pair_factor<3>(r);
-            case 4: return exl2cuda::pair_factor<4>(r);
-            case 5: return exl2cuda::pair_factor<5>(r);
-            case 6: return exl2cuda::pair_factor<6>(r);
-            case 8: return exl2cuda::pair_factor<8>(r);
-            default: throw std::invalid_argument("pair_factor: bits is 2, 3, 4, 5, 6 or 8");
-        }
+        if (bits < 2 || bits > 8 || bits == 7) throw std::invalid_argument("pair_factor: bits is 2, 3, 4, 5, 6 or 8");
+        return exl2cuda::pair_factor_of(bits, r);
     });
+    // The decode-sized kernel (M <= 32, sm_90) with the per-unit tables of kernels.unit_tables;
+    // returns False when it does not apply. warps (2 or 4, 0 = default), k_splits (1..16, 0 = choose)
+    // and k_warps (warps along K: 1, 2, 4; 0 = choose) are for benchmarks/kernels.py.
     m.def("exl2_matmul_gemv", [](P x, P qw, P qs, P umeta, P uperm, P y, int64_t M, int64_t K, int64_t N,
                                  int64_t n_pad, int64_t U, int max_bits, int warps, int k_splits, int k_warps,
                                  P stream) {

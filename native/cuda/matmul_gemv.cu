@@ -175,19 +175,6 @@ __device__ __forceinline__ void read_scales(Stage& st, unsigned stage, const Lan
     st.sc[1] = lds32(stage + lr.scales + 16u);
 }
 
-// F_r = pair_factor<B>(r) for a runtime width: the staged x of pair r's K slots is x / F_r, so each
-// product in the mma is (1024 + F_r * q) * x / F_r = (1024 / F_r + q) * x.
-__device__ __forceinline__ uint32_t pair_factor_of(int bits, int r) {
-    switch (bits) {
-        case 2: return pair_factor<2>(r);
-        case 3: return pair_factor<3>(r);
-        case 4: return pair_factor<4>(r);
-        case 5: return pair_factor<5>(r);
-        case 6: return pair_factor<6>(r);
-        default: return 1u;
-    }
-}
-
 // A warp's streaming state: its ring of stages in shared memory. The stage that unit
 // u + STAGES - 1 fills is the one unit u - 1 freed, so the stage in use and its predecessor are
 // all the state (shared-space addresses).

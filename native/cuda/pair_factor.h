@@ -22,4 +22,19 @@ constexpr uint32_t pair_factor(int r) {
     return 1u;
 }
 
+// The same for a width known only at run time (1 for a width the decoders do not have).
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline uint32_t pair_factor_of(int bits, int r) {
+    switch (bits) {
+        case 2: return pair_factor<2>(r);
+        case 3: return pair_factor<3>(r);
+        case 4: return pair_factor<4>(r);
+        case 5: return pair_factor<5>(r);
+        case 6: return pair_factor<6>(r);
+        default: return 1u;
+    }
+}
+
 }  // namespace exl2cuda
