@@ -238,8 +238,9 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
         if (um_last(um)) {
             read_scales(st, ring.cur, lr);
             finish_group<NT>(st.sc, gid, (unsigned short)(um.w >> 16), tmp, acc);
-            // After the block's last unit this reads 8 NT floats past cus (inside the partial sums'
-            // area, which the launch always allocates) and the values are never used.
+            // After a warp's last unit this reads the next unit's entry, at most one past the
+            // block's units: cus has a spare unit of padding that nothing writes (no race with
+            // the partial sums other warps may be writing), and the values are never used.
             start_segment<NT>(cl, u + 1, tmp);
         }
         ring.advance();
@@ -289,12 +290,16 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     const int N = GV_PICK(l, N), n_pad = GV_PICK(l, n_pad), U = GV_PICK(l, U), nu_max = GV_PICK(l, nu_max);
     const int stage_words = GV_PICK(l, stage_words);
     const int rank = blockIdx.y;
-    const int ub = (int)((int64_t)U * rank / a.ks), ue = (int)((int64_t)U * (rank + 1) / a.ks);
+    // 32-bit: a 64-bit division is a ~100-instruction call at the head of every block (the host
+    // admits U * ks < 2^31).
+    const int ub = (int)((unsigned)U * (unsigned)rank / (unsigned)a.ks);
+    const int ue = (int)((unsigned)U * (unsigned)(rank + 1) / (unsigned)a.ks);
     const int nu = ue - ub;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
-    const int wc = W / a.kw, wcol = warp % wc, wk = warp / wc;
+    // kw is 1, 2 or 4: shifts, not integer divisions (~20 instructions each, some per staged unit)
+    const int lkw = a.kw >> 1, wc = W >> lkw, wcol = warp & (wc - 1), wk = warp >> (31 - __clz(wc));
     const int col_base = (bx * wc + wcol) * GV_COLS;
-    const int w0 = nu * wk / a.kw, w1 = nu * (wk + 1) / a.kw;  // this warp's units [w0, w1)
+    const int w0 = (nu * wk) >> lkw, w1 = (nu * (wk + 1)) >> lkw;  // this warp's units [w0, w1)
     const bool active = col_base < n_pad;  // idle warps still stage x and join the barriers
     const int sc_off = stage_words - 8;
 
@@ -360,7 +365,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     for (int i = threadIdx.x; i < nu; i += nthr) {
         int4 m = __ldg(umeta + ub + i);
         for (int k = 1; k <= a.kw; ++k)
-            if (i == nu * k / a.kw - 1) m.z |= 1 << 16;
+            if (i == ((nu * k) >> lkw) - 1) m.z |= 1 << 16;
         ums[i] = m;
     }
     __syncthreads();
@@ -440,7 +445,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     }
     // Partial sums [kw][M][wc * 64]; the kw parts are added in order, then (ks > 1) across the
     // cluster, in a fixed order either way.
-    float* part = cus + (size_t)nu_max * 8 * NT;
+    float* part = cus + (size_t)(nu_max + 1) * 8 * NT;  // past cus and its spare unit
     const int NO = a.M * wc * GV_COLS;
     each_lane_out(acc, t, gid, a.M, [&](int m, int c, float v) { part[wk * NO + m * wc * GV_COLS + wcol * GV_COLS + c] = v; });
     auto write_y = [&](int i, float sum) {
@@ -491,6 +496,7 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
             return false;
         // 32-bit byte offsets inside q_weight and q_scale (LaneCopy): U units of at most 8 word rows.
         if ((d.U * 8 + 8) * d.n_pad * 4 >= (1LL << 31)) return false;
+        if (d.U * GV_MAX_KS >= (1LL << 31)) return false;  // the kernel's 32-bit unit ranges
         tiles += cdiv(d.n_pad, GV_COLS);
         u_min = std::min(u_min, d.U);
     }
@@ -513,7 +519,7 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
         const int64_t nu_max = cdiv(lins[l].U, k);
         const int64_t xs_bytes = cdiv(nu_max * M * 32 * 2, 16) * 16;
         const int64_t stage_words = lins[l].max_bits * GV_ROW_WORDS + 8;
-        return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + nu_max * (16 + 32 * NT) +
+        return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + nu_max * (16 + 32 * NT) + 32 * NT +
                         M * W * GV_COLS * 4);
     };
     auto smem_max = [&](int k) {

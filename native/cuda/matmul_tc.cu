@@ -92,7 +92,9 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
 
     const int U = gt.unit[G];
     const int rank = blockIdx.y;
-    const int ub = (int)((int64_t)U * rank / ks), ue = (int)((int64_t)U * (rank + 1) / ks);
+    // 32-bit (U * ks < 2^31: U is at most K / 32 + G): a 64-bit division is a ~100-instruction call.
+    const int ub = (int)((unsigned)U * (unsigned)rank / (unsigned)ks);
+    const int ue = (int)((unsigned)U * (unsigned)(rank + 1) / (unsigned)ks);
     const int nu = ue - ub;
     int4* umeta = reinterpret_cast<int4*>(tbl + align4i(group_table_ints(G)));
     // Same offsets in every block of a cluster (the reduction maps `part` into the other blocks'
