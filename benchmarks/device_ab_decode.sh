@@ -27,9 +27,9 @@ t0=$(date +%s)
 for tr in "${trees[@]}"; do build "$(cd "$REPO/${tr#*:}" && pwd)" "/tmp/ab_${tr%%:*}" & done; wait
 echo "builds done in $(( $(date +%s) - t0 )) s"
 for tr in "${trees[@]}"; do echo "${tr%%:*}: $(tail -1 "/tmp/ab_${tr%%:*}.log")"; done
-# CHECK_K: first run each build's CUDA tests selected by this -k expression (e.g. "gemv or group"), from its tree.
+# CHECK_K: first run the CUDA tests of each build but the first (the reference) selected by this -k expression (e.g. "gemv or group"), from its tree.
 if [ -n "${CHECK_K:-}" ]; then
-  for tr in "${trees[@]}"; do
+  for tr in "${trees[@]:1}"; do  # the first tree is the reference
     side=${tr%%:*}; tree=$(cd "$REPO/${tr#*:}" && pwd)
     (cd /tmp && PYTHONPATH=/tmp/ab_$side timeout 120 $PY -m pytest "$tree/tests" -m cuda -q -n 16 -p no:cacheprovider \
       --rootdir "$tree" -k "$CHECK_K") > "$OUT/ab_check_$side.log" 2>&1
@@ -49,7 +49,7 @@ for r in $(seq "${ROUNDS:-2}"); do
 done
 [ -n "${KERNELS:-}" ] || exit 0
 for r in $(seq "${ROUNDS:-2}"); do
-  for tr in "${trees[@]}"; do
+  for tr in "${trees[@]:1}"; do  # the first tree is the reference
     side=${tr%%:*}; tree=$(cd "$REPO/${tr#*:}" && pwd)
     (cd /tmp && PYTHONPATH=/tmp/ab_$side timeout 240 $PY "$tree/benchmarks/kernels.py" --gemv --no-sweep) \
       > "$OUT/ab_kernels_${side}_$r.log" 2>&1
