@@ -49,7 +49,7 @@ for r in $(seq "${ROUNDS:-2}"); do
 done
 [ -n "${KERNELS:-}" ] || exit 0
 for r in $(seq "${ROUNDS:-2}"); do
-  for tr in "${trees[@]:1}"; do  # the first tree is the reference
+  for tr in "${trees[@]}"; do
     side=${tr%%:*}; tree=$(cd "$REPO/${tr#*:}" && pwd)
     (cd /tmp && PYTHONPATH=/tmp/ab_$side timeout 240 $PY "$tree/benchmarks/kernels.py" --gemv --no-sweep) \
       > "$OUT/ab_kernels_${side}_$r.log" 2>&1
