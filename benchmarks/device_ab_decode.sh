@@ -6,7 +6,7 @@
 # sm_90), then runs decode_ops.py for each preset with the builds alternating, ROUNDS times.
 # Logs in $OUT/ab_decode.log. KERNELS=1 also times exl2_matmul at M = 1, 8, 16, 32 on the four Llama shapes
 # (`kernels.py --gemv --no-sweep`) for each build, alternating, and joins them in $OUT/ab_kernels.md.
-# Usage: TREES='base:.ab_base head:.' [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] \
+# Usage: TREES='base:.ab_base head:.' [CHECK_K='gemv or group'] [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] \
 #        bash benchmarks/device_ab_decode.sh
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -27,6 +27,15 @@ t0=$(date +%s)
 for tr in "${trees[@]}"; do build "$(cd "$REPO/${tr#*:}" && pwd)" "/tmp/ab_${tr%%:*}" & done; wait
 echo "builds done in $(( $(date +%s) - t0 )) s"
 for tr in "${trees[@]}"; do echo "${tr%%:*}: $(tail -1 "/tmp/ab_${tr%%:*}.log")"; done
+# CHECK_K: first run the CUDA tests of each build but the first (the reference) selected by this -k expression (e.g. "gemv or group"), from its tree.
+if [ -n "${CHECK_K:-}" ]; then
+  for tr in "${trees[@]:1}"; do  # the first tree is the reference
+    side=${tr%%:*}; tree=$(cd "$REPO/${tr#*:}" && pwd)
+    (cd /tmp && PYTHONPATH=/tmp/ab_$side timeout 120 $PY -m pytest "$tree/tests" -m cuda -q -n 16 -p no:cacheprovider \
+      --rootdir "$tree" -k "$CHECK_K") > "$OUT/ab_check_$side.log" 2>&1
+    echo "$side: CUDA tests rc=$? $(tail -1 "$OUT/ab_check_$side.log")"
+  done
+fi
 IFS=';' read -ra presets <<< "${PRESETS:-llama2-7b --exl2 4.0;smollm2 --exl2 4.0}"
 : > "$OUT/ab_decode.log"
 for r in $(seq "${ROUNDS:-2}"); do

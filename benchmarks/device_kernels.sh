@@ -7,7 +7,8 @@
 # SKIP_DECODE=1 decode_ops.py;
 # PYTEST_K selects tests by -k expression; NCU_KERNEL (default exl2_gemv) names the profiled kernel, NCU_COUNT how many
 # launches of it, PROFILE_BPW the decode-sized kernel's bpws in launch order, e.g. 2.5,4.0,6.0, PROFILE_SHAPE
-# its K x N (default 4096x14336), NCU_ARGS more ncu arguments, e.g. --print-details all or --metrics ...).
+# its K x N (default 4096x14336), NCU_ARGS more ncu arguments, e.g. --print-details all or --metrics ...;
+# NCU_SOURCE='4096x4096 8192x28672' also writes per-SASS-instruction counts and stall samples, ncu_source_<shape>.csv).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -68,7 +69,16 @@ echo "== ncu $(date -u +%T)"
 [ -n "${SKIP_NCU:-}" ] || timeout 120 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
   --section LaunchStats --section SchedulerStats --section SourceCounters --section InstructionStats -k regex:${NCU_KERNEL:-exl2_gemv} -c ${NCU_COUNT:-1} ${NCU_ARGS:-} \
   $PY "$REPO/benchmarks/kernels.py" --profile --profile-bpw ${PROFILE_BPW:-4.0} --profile-shape ${PROFILE_SHAPE:-4096x14336} > "$OUT/ncu.log" 2>&1
-echo "ncu rc=$?"; grep -E "exl2_matmul_kernel|exl2_gemv_kernel|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|No Eligible|Warp Cycles Per Issued|stall|Stall" "$OUT/ncu.log" | head -40
+echo "ncu rc=$?"
+if [ -n "${NCU_SOURCE:-}" ]; then  # per-SASS-instruction counts and stall samples, one CSV per shape of NCU_SOURCE
+  for shape in $NCU_SOURCE; do
+    timeout 120 ncu --section SourceCounters --section WarpStateStats -k regex:${NCU_KERNEL:-exl2_gemv} -c 1 -f -o "/tmp/src_$shape" \
+      $PY "$REPO/benchmarks/kernels.py" --profile --profile-bpw ${PROFILE_BPW:-4.0} --profile-shape $shape > "$OUT/ncu_src_$shape.log" 2>&1
+    ncu -i "/tmp/src_$shape.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_source_$shape.csv" 2>> "$OUT/ncu_src_$shape.log"
+    echo "ncu source $shape rc=$? $(wc -l < "$OUT/ncu_source_$shape.csv") lines"
+  done
+fi
+grep -E "exl2_matmul_kernel|exl2_gemv_kernel|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|No Eligible|Warp Cycles Per Issued|stall|Stall" "$OUT/ncu.log" | head -40
 
 if [ -n "${SASS_STATS:-}" ]; then  # opcode histogram of the profiled kernel's SASS
   so=$($PY -c "import exl2build._native as n; print(n.__file__)")

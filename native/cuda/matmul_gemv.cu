@@ -143,16 +143,17 @@ __device__ __forceinline__ uint32_t lds32(unsigned a) {
 struct LaneRead {
     unsigned words;  // byte offset of row j0, chunk 0 in a stage
     unsigned scales; // byte offset of the lane's first q_scale word: sc_off + 4 * (gid / 2)
+    uint32_t sel;    // scale_select(gid)
     bool two;
 };
 
 template <int B>
 __device__ __forceinline__ LaneRead lane_read(int t, int gid, unsigned sc_off) {
     const int j0 = (8 * t * B) >> 5;
-    LaneRead r{4u * (unsigned)(j0 * GV_ROW_WORDS + 4 * gid), sc_off + 4u * (unsigned)(gid >> 1),
+    LaneRead r{4u * (unsigned)(j0 * GV_ROW_WORDS + 4 * gid), sc_off + 4u * (unsigned)(gid >> 1), scale_select(gid),
                ((8 * t * B) & 31) + 8 * B > 32};
     // Held in registers through the unit loop (else recomputed there from the thread index).
-    asm("" : "+r"(r.words), "+r"(r.scales));
+    asm("" : "+r"(r.words), "+r"(r.scales), "+r"(r.sel));
     return r;
 }
 
@@ -202,23 +203,35 @@ __device__ __forceinline__ void start_segment(const float2* cl, int u, float (&t
     }
 }
 
+// Where a lane reads its x fragments: the shared address of unit 0's (token tile 0), the stride
+// from one unit's to the next (M tokens x 64 bytes), and which token tiles hold a token of this lane.
+struct LaneX {
+    unsigned addr, stride;
+    int tiles;  // bit tau: token 8 tau + gid < M
+};
+
 // Units u.. of bit width B (stops at the first unit of another width): wait for unit u, refill the
-// stage freed last step with unit u + STAGES - 1, multiply, and scale at each group's end. xl and
-// cl: this lane's x fragment and sum(x) terms of unit 0 (token tile 0); a unit's are M * 4 uint4
-// and NT * 4 float2 further.
+// stage freed last step with unit u + STAGES - 1, multiply, and scale at each group's end. cl: this
+// lane's sum(x) terms of unit 0 (token tile 0); a unit's are NT * 4 float2 further.
 template <int B, int NT>
 __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const float2* cl, Ring& ring,
-                                         const LaneCopy& lc, const uint4* xl, int M, int t, int gid,
+                                         const LaneCopy& lc, const LaneX& lx, int t, int gid,
                                          float (&tmp)[4][NT][4], float (&acc)[4][NT][4]) {
     const LaneRead lr = lane_read<B>(t, gid, ring.sc_off);
+    // This unit's x fragments: one add per unit (else the compiler recomputes the address and the
+    // token test from the thread index in every step).
+    unsigned xa = lx.addr + (unsigned)u * lx.stride;
+    // unit_meta of units u and v = u + STAGES - 1, read one step ahead (its shared-memory latency
+    // was exposed at the head of every step). Past the warp's units these reads land in the spare
+    // entries after ums (GV_STAGES of them) and are not used.
+    int4 um = ums[u], uv = ums[u + GV_STAGES - 1];
     for (; u < nu; ++u) {
-        const int4 um = ums[u];
         if (um_bits(um) != B) break;
+        const int4 um_next = ums[u + 1], uv_next = ums[u + GV_STAGES];
         cp_async_wait<GV_STAGES - 2>();
         __syncwarp();
         const int v = u + GV_STAGES - 1;
         if (v < nu) {
-            const int4 uv = ums[v];
             const bool scales = um_last(uv);  // the units that finish a group (or the block's range)
             if (um_bits(uv) == B && um_words(uv) == B)
                 issue_full<B>(ring.next, uv, lc, ring.sc_off, scales);
@@ -230,20 +243,21 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
         read_stage(st, ring.cur, lr);
         uint4 xb[NT];  // token tile tau: tokens 8 tau .. 8 tau + 7, this lane's B fragment of token 8 tau + gid
 #pragma unroll
-        for (int tau = 0; tau < NT; ++tau) {
-            const int m = 8 * tau + gid;
-            xb[tau] = m < M ? xl[(u * M + 8 * tau) * 4] : make_uint4(0u, 0u, 0u, 0u);
-        }
+        for (int tau = 0; tau < NT; ++tau)
+            xb[tau] = (lx.tiles >> tau) & 1 ? lds128(xa + 512u * tau) : make_uint4(0u, 0u, 0u, 0u);
+        xa += lx.stride;
         mma_unit<B, NT, false>(st, t, xb, tmp);
         if (um_last(um)) {
             read_scales(st, ring.cur, lr);
-            finish_group<NT>(st.sc, gid, (unsigned short)(um.w >> 16), tmp, acc);
+            finish_group<NT>(st.sc, lr.sel, (unsigned short)(um.w >> 16), tmp, acc);
             // After a warp's last unit this reads the next unit's entry, at most one past the
             // block's units: cus has a spare unit of padding that nothing writes (no race with
             // the partial sums other warps may be writing), and the values are never used.
             start_segment<NT>(cl, u + 1, tmp);
         }
         ring.advance();
+        um = um_next;
+        uv = uv_next;
     }
     return u;
 }
@@ -307,9 +321,9 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     uint32_t* stages = reinterpret_cast<uint32_t*>(smem_raw) + (size_t)warp * GV_STAGES * stage_words;
     const unsigned stages_s = (unsigned)__cvta_generic_to_shared(stages);
     __half* xs = reinterpret_cast<__half*>(smem_raw + (size_t)W * GV_STAGES * stage_words * 4);
-    int4* ums = reinterpret_cast<int4*>(xs + (size_t)nu_max * a.M * 32);
+    int4* ums = reinterpret_cast<int4*>(xs + (size_t)nu_max * a.M * 32);  // nu_max + GV_STAGES (spares)
     // [unit][8 NT]: the offset terms' share of each unit's sums, then of each group segment's (at its first unit)
-    float* cus = reinterpret_cast<float*>(ums + nu_max);
+    float* cus = reinterpret_cast<float*>(ums + nu_max + GV_STAGES);
 
     // 1. The first K-slot channels of x, then (one round trip for unit_meta) this warp's first units.
     constexpr int CH = 8;
@@ -372,32 +386,34 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     // The codes enter the mma as 1024 + F * q (one LOP3 per two weights, no subtraction), so each
     // group's sums carry sum((1024 + F * 2^(b-1)) * x / F) too, x / F as staged; per unit and
     // token, in f32, in a fixed order. Half2 k of a token's 32 slots belongs to pair k % 4.
-    for (int j = threadIdx.x; j < nu * 8 * NT; j += nthr) {
-        const int lu = j / (8 * NT), m = j % (8 * NT);
-        float sum = 0.0f;
-        if (m < a.M) {
-            const __half2* p = reinterpret_cast<const __half2*>(xs + (lu * a.M + m) * 32);
-            float pr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Entries of tokens past M (the mma's padding) are zeros; only the M real tokens are summed
+    // (a loop over all 8 NT entries per unit would run the sum in every warp at M = 1).
+    for (int j = threadIdx.x; j < nu * 8 * NT; j += nthr)
+        if (j % (8 * NT) >= a.M) cus[j] = 0.0f;
+    for (int j = threadIdx.x; j < nu * a.M; j += nthr) {
+        const int lu = j / a.M, m = j - lu * a.M;
+        const __half2* p = reinterpret_cast<const __half2*>(xs + j * 32);
+        float pr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-            for (int k = 0; k < 16; ++k) {
-                const float2 f = __half22float2(p[k]);
-                pr[k & 3] += f.x + f.y;
-            }
-            const int bits = um_bits(ums[lu]);
-#pragma unroll
-            for (int r = 0; r < 4; ++r) sum += (float)(1024u + (pair_factor_of(bits, r) << (bits - 1))) * pr[r];
+        for (int k = 0; k < 16; ++k) {
+            const float2 f = __half22float2(p[k]);
+            pr[k & 3] += f.x + f.y;
         }
-        cus[j] = sum;
+        const int bits = um_bits(ums[lu]);
+        float sum = 0.0f;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sum += (float)(1024u + (pair_factor_of(bits, r) << (bits - 1))) * pr[r];
+        cus[lu * 8 * NT + m] = sum;
     }
     __syncthreads();
     // Then per group segment (a group's units inside this block's range): the sum over its units,
     // kept at its first unit, where the unit loop starts the segment's sums from minus this value.
-    for (int j = threadIdx.x; j < nu * 8 * NT; j += nthr) {
-        const int lu = j / (8 * NT);
+    for (int j = threadIdx.x; j < nu * a.M; j += nthr) {
+        const int lu = j / a.M, m = j - lu * a.M;
         if (lu > 0 && !um_last(ums[lu - 1])) continue;
-        float sum = cus[j];
-        for (int w = lu; !um_last(ums[w]);) sum += cus[(++w) * 8 * NT + j % (8 * NT)];
-        cus[j] = sum;
+        float sum = cus[lu * 8 * NT + m];
+        for (int w = lu; !um_last(ums[w]);) sum += cus[(++w) * 8 * NT + m];
+        cus[lu * 8 * NT + m] = sum;
     }
     __syncthreads();
 
@@ -406,7 +422,10 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     float acc[4][NT][4], tmp[4][NT][4];
     zero_tiles(acc);
     if (active) {
-        const uint4* xl = reinterpret_cast<const uint4*>(xs) + gid * 4 + t;
+        LaneX lx{(unsigned)__cvta_generic_to_shared(xs) + 16u * (unsigned)(gid * 4 + t), 64u * (unsigned)a.M, 0};
+#pragma unroll
+        for (int tau = 0; tau < NT; ++tau) lx.tiles |= (8 * tau + gid < a.M) << tau;
+        asm("" : "+r"(lx.addr), "+r"(lx.stride), "+r"(lx.tiles));
         const unsigned sb = 4u * (unsigned)stage_words;
         Ring ring{stages_s, sb, stages_s + GV_STAGES * sb, stages_s, stages_s + (GV_STAGES - 1) * sb, 4u * (unsigned)sc_off};
         const float2* cl = reinterpret_cast<const float2*>(cus) + t;
@@ -414,12 +433,12 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
         int u = w0;
         while (u < w1) {
             switch (um_bits(ums[u])) {
-                case 2: u = run_units<2, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
-                case 3: u = run_units<3, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
-                case 4: u = run_units<4, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
-                case 5: u = run_units<5, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
-                case 6: u = run_units<6, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
-                case 8: u = run_units<8, NT>(u, w1, ums, cl, ring, lc, xl, a.M, t, gid, tmp, acc); break;
+                case 2: u = run_units<2, NT>(u, w1, ums, cl, ring, lc, lx, t, gid, tmp, acc); break;
+                case 3: u = run_units<3, NT>(u, w1, ums, cl, ring, lc, lx, t, gid, tmp, acc); break;
+                case 4: u = run_units<4, NT>(u, w1, ums, cl, ring, lc, lx, t, gid, tmp, acc); break;
+                case 5: u = run_units<5, NT>(u, w1, ums, cl, ring, lc, lx, t, gid, tmp, acc); break;
+                case 6: u = run_units<6, NT>(u, w1, ums, cl, ring, lc, lx, t, gid, tmp, acc); break;
+                case 8: u = run_units<8, NT>(u, w1, ums, cl, ring, lc, lx, t, gid, tmp, acc); break;
                 default: u = w1; break;  // unreachable: kernels.py admits only these widths
             }
         }
@@ -519,8 +538,8 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
         const int64_t nu_max = cdiv(lins[l].U, k);
         const int64_t xs_bytes = cdiv(nu_max * M * 32 * 2, 16) * 16;
         const int64_t stage_words = lins[l].max_bits * GV_ROW_WORDS + 8;
-        return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + nu_max * (16 + 32 * NT) + 32 * NT +
-                        M * W * GV_COLS * 4);
+        return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + (nu_max + GV_STAGES) * 16 +
+                        nu_max * 32 * NT + 32 * NT + M * W * GV_COLS * 4);
     };
     auto smem_max = [&](int k) {
         size_t m = 0;

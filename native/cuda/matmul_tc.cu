@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(TC_THREADS, MT <= 8 ? 2 : 1) exl2_matmul_tc_ke
                     default: break;
                 }
                 if (((um.z >> 16) & 1) || uu + 1 == wu1)
-                    finish_group<NT>(st[s].sc, gid, (unsigned short)(um.w >> 16), tmp, acc);
+                    finish_group<NT>(st[s].sc, scale_select(gid), (unsigned short)(um.w >> 16), tmp, acc);
                 const int nx = uu + TC_STAGES;
                 if (nx < wu1) load_unit_meta(st[s], umeta[nx - ub], qw, qs, n_pad, t, col0, col1, v0, v1);
             }

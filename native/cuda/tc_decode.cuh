@@ -208,14 +208,16 @@ __device__ __forceinline__ void each_lane_out(const float (&acc)[4][NT][4], int 
 // End of a group: acc += tmp * the lane's per-column scales, then tmp = 0. The scale is the
 // loader's fp16 value half(s*s) * (half(scale_max) * half(1/256)); sc are the lane's two q_scale
 // words (columns base + 4*gid + 0..3 and base + 32 + 4*gid + 0..3).
+// Tile i's two scales are byte 2 (gid & 1) + (i & 1) of sc[i / 2] (low nibble: column 2i, high:
+// 2i + 1); scale_select(gid) is the byte_perm selector that copies byte 2 (gid & 1) to bytes 0 and 2.
+__device__ __forceinline__ uint32_t scale_select(int gid) { return 2u * (uint32_t)(gid & 1) * 0x101u + 0x4040u; }
+
 template <int NT>
-__device__ __forceinline__ void finish_group(const uint32_t (&sc)[2], int gid, unsigned short smax_bits,
+__device__ __forceinline__ void finish_group(const uint32_t (&sc)[2], uint32_t sel0, unsigned short smax_bits,
                                              float (&tmp)[4][NT][4], float (&acc)[4][NT][4]) {
     const __half hs = __hmul(__ushort_as_half(smax_bits), __float2half_rn(1.0f / 256.0f));
     const __half2 hs2 = __halves2half2(hs, hs);
-    // Tile i's two scales are byte 2 (gid & 1) + (i & 1) of sc[i / 2] (low nibble: column 2i,
-    // high: 2i + 1); copy that byte to bytes 0 and 2.
-    const uint32_t b0 = 2u * (uint32_t)(gid & 1), sel0 = b0 * 0x101u + 0x4040u, sel1 = sel0 + 0x101u;
+    const uint32_t sel1 = sel0 + 0x101u;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         // Both scales in one register as fp16 (1024 + qa, 1024 + 16 qb), then (qa + 1, qb + 1) by one
