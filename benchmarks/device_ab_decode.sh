@@ -6,7 +6,7 @@
 # sm_90), then runs decode_ops.py for each preset with the builds alternating, ROUNDS times.
 # Logs in $OUT/ab_decode.log. KERNELS=1 also times exl2_matmul at M = 1, 8, 16, 32 on the four Llama shapes
 # (`kernels.py --gemv --no-sweep`) for each build, alternating, and joins them in $OUT/ab_kernels.md.
-# Usage: TREES='base:.ab_base head:.' [CHECK_K='gemv or group'] [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] \
+# Usage: TREES='base:.ab_base head:.' [CHECK_K='gemv or group'] [SANITIZE=head] [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] \
 #        bash benchmarks/device_ab_decode.sh
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -47,6 +47,19 @@ for r in $(seq "${ROUNDS:-2}"); do
     done
   done
 done
+# SANITIZE=name: compute-sanitizer memcheck and racecheck over one pass through every kernel of that
+# tree's build (kernels.py --sanitize), after the decode timings; logs in $OUT/sanitize_<tool>.log.
+if [ -n "${SANITIZE:-}" ]; then
+  for tr in "${trees[@]}"; do
+    [ "${tr%%:*}" = "$SANITIZE" ] || continue
+    tree=$(cd "$REPO/${tr#*:}" && pwd)
+    for tool in memcheck racecheck; do
+      (cd /tmp && PYTHONPATH=/tmp/ab_$SANITIZE timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 \
+        $PY "$tree/benchmarks/kernels.py" --sanitize) > "$OUT/sanitize_$tool.log" 2>&1
+      echo "$SANITIZE: sanitizer $tool rc=$? $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize_$tool.log" | head -1)"
+    done
+  done
+fi
 [ -n "${KERNELS:-}" ] || exit 0
 for r in $(seq "${ROUNDS:-2}"); do
   for tr in "${trees[@]}"; do
