@@ -205,13 +205,13 @@ __device__ __forceinline__ void each_lane_out(const float (&acc)[4][NT][4], int 
             }
 }
 
-// End of a group: acc += tmp * the lane's per-column scales, then tmp = 0. The scale is the
-// loader's fp16 value half(s*s) * (half(scale_max) * half(1/256)); sc are the lane's two q_scale
-// words (columns base + 4*gid + 0..3 and base + 32 + 4*gid + 0..3).
 // Tile i's two scales are byte 2 (gid & 1) + (i & 1) of sc[i / 2] (low nibble: column 2i, high:
 // 2i + 1); scale_select(gid) is the byte_perm selector that copies byte 2 (gid & 1) to bytes 0 and 2.
 __device__ __forceinline__ uint32_t scale_select(int gid) { return 2u * (uint32_t)(gid & 1) * 0x101u + 0x4040u; }
 
+// End of a group: acc += tmp * the lane's per-column scales, then tmp = 0. The scale is the
+// loader's fp16 value half(s*s) * (half(scale_max) * half(1/256)); sc are the lane's two q_scale
+// words (columns base + 4*gid + 0..3 and base + 32 + 4*gid + 0..3), sel0 = scale_select(gid).
 template <int NT>
 __device__ __forceinline__ void finish_group(const uint32_t (&sc)[2], uint32_t sel0, unsigned short smax_bits,
                                              float (&tmp)[4][NT][4], float (&acc)[4][NT][4]) {
