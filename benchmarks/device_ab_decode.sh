@@ -53,11 +53,7 @@ if [ -n "${SANITIZE:-}" ]; then
   for tr in "${trees[@]}"; do
     [ "${tr%%:*}" = "$SANITIZE" ] || continue
     tree=$(cd "$REPO/${tr#*:}" && pwd)
-    for tool in memcheck racecheck; do
-      (cd /tmp && PYTHONPATH=/tmp/ab_$SANITIZE timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 \
-        $PY "$tree/benchmarks/kernels.py" --sanitize) > "$OUT/sanitize_$tool.log" 2>&1
-      echo "$SANITIZE: sanitizer $tool rc=$? $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize_$tool.log" | head -1)"
-    done
+    echo "$SANITIZE:"; PYTHONPATH=/tmp/ab_$SANITIZE OUT=$OUT PY=$PY TREE=$tree bash "$REPO/benchmarks/sanitize.sh"
   done
 fi
 [ -n "${KERNELS:-}" ] || exit 0

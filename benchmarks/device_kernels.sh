@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: build + install the checkout with CUDA (sm_90), run the CUDA kernel tests,
 # the kernel benchmarks, and compute-sanitizer over a pass through every kernel.
-# Logs land in $OUT (build.log, pytest.log, bench.log, bench.md, bench.json, decode_ops.log, sanitize.log).
+# Logs land in $OUT (build.log, pytest.log, bench.log, bench.md, bench.json, decode_ops.log, sanitize_<tool>.log).
 # Usage on the device machine, from the repository root: bash benchmarks/device_kernels.sh [--quick]
 # (SKIP_SANITIZER=1 skips the compute-sanitizer passes, SKIP_NCU=1 the Nsight Compute pass, SKIP_BENCH=1 kernels.py,
 # SKIP_DECODE=1 decode_ops.py;
@@ -88,9 +88,5 @@ if [ -n "${SASS_STATS:-}" ]; then  # opcode histogram of the profiled kernel's S
 fi
 echo "== compute-sanitizer $(date -u +%T)"
 [ -n "${SKIP_SANITIZER:-}" ] && { echo "skipped (SKIP_SANITIZER set)"; exit 0; }
-for tool in memcheck racecheck; do
-  timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 $PY "$REPO/benchmarks/kernels.py" --sanitize \
-    > "$OUT/sanitize_$tool.log" 2>&1
-  echo "sanitizer $tool rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize pass|Error|error" "$OUT/sanitize_$tool.log" | head -8
-done
+OUT=$OUT PY=$PY bash "$REPO/benchmarks/sanitize.sh"
 echo "== done $(date -u +%T)"
