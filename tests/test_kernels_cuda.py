@@ -513,6 +513,52 @@ def test_exl2_matmul_group_dispatch():
         kernels.exl2_matmul_group(xh[:, :-1].contiguous(), qds)
 
 
+def _swiglu_native(gh, uh, qd, M):
+    meta, uperm, max_bits = kernels.unit_tables(qd)
+    y = poisoned((M, qd.N), torch.float16, float("nan"))
+    desc = [qd.q_weight.data_ptr(), qd.q_scale.data_ptr(), meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), qd.N,
+            qd.n_pad, meta.shape[0], max_bits]
+    done = _native.cuda.exl2_matmul_gemv_swiglu(gh.data_ptr(), uh.data_ptr(), desc, M, gh.shape[1], stream())
+    torch.cuda.synchronize()
+    return done, y
+
+
+@needs_sm90
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_exl2_matmul_gemv_swiglu_bit_exact(M):
+    """The down projection staging silu(gate) * up itself: bit for bit the decode-sized kernel's
+    product of silu_mul's output (the same roundings, the same launch shape)."""
+    qt, _ = _launch_shapes_qtensor()
+    qd = qt.to(DEV)
+    gh = (torch.randn(M, qt.K, generator=gen(M + 70)) * 3).half().to(DEV)
+    uh = torch.randn(M, qt.K, generator=gen(M + 80)).half().to(DEV)
+    done, y = _swiglu_native(gh, uh, qd, M)
+    assert done
+    done, ref = _gemv_native(kernels.silu_mul(gh, uh), qd, M)
+    assert done
+    assert torch.equal(y, ref)
+
+
+@needs_sm90
+def test_exl2_matmul_gemv_swiglu_declines_more_than_8_rows():
+    qt, _ = _launch_shapes_qtensor()
+    gh = torch.randn(9, qt.K, generator=gen(90)).half().to(DEV)
+    assert not _swiglu_native(gh, gh, qt.to(DEV), 9)[0]
+
+
+@pytest.mark.parametrize("M", [1, 5, 20])
+def test_exl2_matmul_swiglu_dispatch(M):
+    """kernels.exl2_matmul_swiglu: one launch where the decode-sized kernel serves the product, else
+    silu_mul then exl2_matmul; the same figures as those two either way; bad inputs raise."""
+    qt, _ = _launch_shapes_qtensor()
+    qd = qt.to(DEV)
+    gh = torch.randn(M, qt.K, generator=gen(M + 100)).half().to(DEV)
+    uh = torch.randn(M, qt.K, generator=gen(M + 110)).half().to(DEV)
+    assert torch.equal(kernels.exl2_matmul_swiglu(gh, uh, qd), kernels.exl2_matmul(kernels.silu_mul(gh, uh), qd))
+    with pytest.raises(ValueError, match="up"):
+        kernels.exl2_matmul_swiglu(gh, uh[:, :-2].contiguous(), qd)
+
+
 def _shifted_q_weight(qd, words: int):
     """qd with q_weight moved to a view `words` int32 into a fresh buffer (an odd alignment)."""
     buf = torch.empty(qd.q_weight.numel() + words, dtype=torch.int32, device=DEV)

@@ -228,3 +228,15 @@ def test_static_cache_mode_matches_eager(tiny_llama):
         static.pos_t = None
         static.length += 1
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_down_projection_fuses_only_on_cuda():
+    """The one-launch SwiGLU down projection is for EXL2 linears on CUDA; elsewhere the MLP runs
+    silu_mul and the linear (project_swiglu declines), and the kernel entry point says why."""
+    from exl2build import kernels
+    from exl2build.model.linear import FP16Linear, project_swiglu
+
+    g = torch.randn(1, 8)
+    assert project_swiglu(FP16Linear(torch.randn(4, 8)), g, g) is None
+    with pytest.raises(ValueError, match="CUDA only"):
+        kernels.exl2_matmul_swiglu(g.half(), g.half(), None)

@@ -15,7 +15,7 @@ from torch import nn
 from exl2build import kernels, kernels_ref
 from exl2build.errors import InputError
 from exl2build.model.config import ModelConfig
-from exl2build.model.linear import Linear, project
+from exl2build.model.linear import Linear, project, project_swiglu
 
 
 def compute_dtype_for(device: torch.device | str) -> torch.dtype:
@@ -310,7 +310,12 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(*project(x, (self.gate_proj, self.up_proj))))
+        gate, up = project(x, (self.gate_proj, self.up_proj))
+        if _ops(gate) is kernels:  # decode on CUDA: silu(gate) * up inside the down projection's launch
+            y = project_swiglu(self.down_proj, gate, up)
+            if y is not None:
+                return y
+        return self.down_proj(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):

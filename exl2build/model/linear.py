@@ -133,6 +133,21 @@ def project(x: torch.Tensor, linears) -> list[torch.Tensor]:
     return [m(x) for m in linears]
 
 
+def project_swiglu(linear: Linear, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """linear(silu(gate) * up) in one kernel launch, for decode-sized f16 CUDA inputs of an EXL2
+    linear (kernels.exl2_matmul_swiglu: silu_mul's roundings, the same product); None elsewhere,
+    where the caller runs silu_mul and the linear's own forward."""
+    from exl2build import kernels
+
+    K = linear.K
+    if not (type(linear) is EXL2Linear and linear.observe is None and gate.is_cuda and gate.dtype == torch.float16
+            and gate.numel() <= 8 * K and gate.shape == up.shape and gate.shape[-1] == K):
+        return None
+    lead = gate.shape[:-1]
+    y = kernels.exl2_matmul_swiglu(gate.reshape(-1, K), up.reshape(-1, K), linear.qtensor)
+    return linear._add_bias(y).reshape(*lead, linear.N)
+
+
 def dequant_cache(model: nn.Module, enabled: bool) -> int:
     """Keep (or drop) one fp16 copy of every EXL2 weight for prefill-sized products.
 

@@ -118,6 +118,19 @@ void register_cuda(py::module_& m) {
                                                 exl2cuda::device_sm_count(), exl2cuda::device_cc_major(),
                                                 exl2cuda::device_smem_optin(), warps, k_splits, k_warps);
     });
+    // The SwiGLU MLP's down projection: y = (silu(gate) * up) @ W in one launch of the decode-sized
+    // kernel, silu(gate) * up computed as x is staged (silu_mul's roundings). `desc`: 9 ints of one
+    // linear, as above; false: not launched.
+    m.def("exl2_matmul_gemv_swiglu", [](P gate, P up, std::vector<int64_t> desc, int64_t M, int64_t K, P stream) {
+        if (desc.size() != 9) throw std::invalid_argument("exl2_matmul_gemv_swiglu: 9 ints for one linear");
+        const exl2cuda::GemvLinearDesc d{ptr<const int32_t>((P)desc[0]), ptr<const int32_t>((P)desc[1]),
+                                         ptr<const int32_t>((P)desc[2]), ptr<const int32_t>((P)desc[3]),
+                                         ptr<void>((P)desc[4]), desc[5], desc[6], desc[7], (int)desc[8]};
+        py::gil_scoped_release release;
+        return exl2cuda::exl2_matmul_gemv_group(ptr<const void>(gate), &d, 1, M, K, stream,
+                                                exl2cuda::device_sm_count(), exl2cuda::device_cc_major(),
+                                                exl2cuda::device_smem_optin(), 0, 0, 0, ptr<const void>(up));
+    });
     m.def("logit_stats", [](P logits, bool is_f16, int64_t T, int64_t V, P targets, P ref_idx, P ref_logp, int64_t k,
                             P nll, P argmax, P kld, P stream) {
         exl2cuda::logit_stats(ptr<const void>(logits), is_f16, T, V, ptr<const int64_t>(targets),

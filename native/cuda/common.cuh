@@ -188,6 +188,13 @@ void launch_k_split(void (*kern)(Params...), dim3 grid, int threads, size_t smem
     check_launch(what);
 }
 
+// f16(f16(silu(g)) * u), as torch's silu (f32, rounded to f16) then an f16 multiply: the SwiGLU
+// MLP's middle, for silu_mul and for the decode-sized kernel staging it as the down projection's x.
+__device__ __forceinline__ __half silu_mul_h(__half g, __half u) {
+    const float gf = __half2float(g);
+    return __float2half_rn(__half2float(__float2half_rn(gf / (1.0f + expf(-gf)))) * __half2float(u));
+}
+
 // Programmatic dependent launch (sm_90; no-ops elsewhere): let the next kernel in the stream start
 // its prologue now, and wait until the previous kernel has finished and its writes are visible.
 __device__ __forceinline__ void grid_dependents_launch() {

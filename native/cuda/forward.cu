@@ -169,11 +169,8 @@ __global__ void silu_mul_kernel(const __half2* __restrict__ g, const __half2* __
                                 __half2* __restrict__ out, int64_t n2) {
     grid_dependents_launch();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n2; i += (int64_t)gridDim.x * blockDim.x) {
-        const float2 gf = __half22float2(g[i]), uf = __half22float2(u[i]);
-        // torch: silu in f32 rounded to f16, then an f16 multiply (computed in f32, rounded)
-        const float s0 = __half2float(__float2half_rn(gf.x / (1.0f + expf(-gf.x))));
-        const float s1 = __half2float(__float2half_rn(gf.y / (1.0f + expf(-gf.y))));
-        out[i] = __floats2half2_rn(s0 * uf.x, s1 * uf.y);
+        const __half2 gi = g[i], ui = u[i];
+        out[i] = __halves2half2(silu_mul_h(__low2half(gi), __low2half(ui)), silu_mul_h(__high2half(gi), __high2half(ui)));
     }
 }
 

@@ -278,6 +278,7 @@ struct GemvLinear {
 
 struct GemvArgs {
     const __half* x;
+    const __half* xu;  // null, or the product's x is silu(x) * xu (the SwiGLU MLP's down projection)
     GemvLinear lin[GV_MAX_LINEARS];
     int tile_end[GV_MAX_LINEARS];  // in blocks along x, cumulative
     int M, K, ks;
@@ -291,7 +292,9 @@ struct GemvArgs {
 // NT token tiles of 8 (M <= 8 NT). More tiles hold more accumulators: fewer blocks per SM, so each
 // thread may use more registers. A block's W warps are W / kw column tiles x kw parts of its units
 // (kw > 1 where the linear has too few column tiles to keep the SMs busy: N = 4096 and less).
-template <int W, int NT>
+// SWIGLU: x is silu(a.x) * a.xu (its own instantiation: the activation adds ~800 instructions to the
+// x staging, which every other product would carry).
+template <int W, int NT, bool SWIGLU = false>
 __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const GemvArgs a) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     const int l = (int)blockIdx.x < a.tile_end[0] ? 0 : (int)blockIdx.x < a.tile_end[1] ? 1 : 2;
@@ -343,8 +346,10 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
         for (int m = 0; m < a.M; ++m) {
             __half v[CH];
 #pragma unroll
-            for (int q = 0; q < CH; ++q)
-                v[q] = src[q] >= 0 ? a.x[(int64_t)m * a.K + (src[q] & 0xFFFFFF)] : __float2half(0.0f);
+            for (int q = 0; q < CH; ++q) {
+                const int64_t i = (int64_t)m * a.K + (src[q] & 0xFFFFFF);
+                v[q] = src[q] < 0 ? __float2half(0.0f) : SWIGLU ? silu_mul_h(a.x[i], a.xu[i]) : a.x[i];
+            }
 #pragma unroll
             for (int q = 0; q < CH; ++q) {
                 const int i = base + q * nthr + (int)threadIdx.x;
@@ -488,9 +493,9 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
 #endif
 }
 
-template <int W, int NT>
+template <int W, int NT, bool SWIGLU = false>
 void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
-    auto kern = exl2_gemv_kernel<W, NT>;
+    auto kern = exl2_gemv_kernel<W, NT, SWIGLU>;
     if (smem > 48 * 1024)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
     if (a.ks > 8) check(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "exl2_matmul");
@@ -503,8 +508,11 @@ void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
 
 bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count, int64_t M, int64_t K,
                             uintptr_t stream, int sms, int cc_major, int smem_optin, int warps, int k_splits,
-                            int k_warps) {
+                            int k_warps, const void* x_up) {
     if (cc_major < 9 || M <= 0 || M > GV_MAX_M || count < 1 || count > GV_MAX_LINEARS) return false;
+    // The SwiGLU staging is built for decode (one linear, up to 8 tokens, 4 warps); elsewhere the
+    // caller runs silu_mul first.
+    if (x_up && (count != 1 || M > 8 || warps == 2)) return false;
     const int NT = M <= 8 ? 1 : M <= 16 ? 2 : 4;
     int64_t tiles = 0, u_min = INT64_MAX;
     for (int l = 0; l < count; ++l) {
@@ -566,6 +574,7 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
     if (smem > (size_t)smem_optin) return false;
     GemvArgs a = {};
     a.x = reinterpret_cast<const __half*>(x);
+    a.xu = reinterpret_cast<const __half*>(x_up);
     a.M = (int)M;
     a.K = (int)K;
     a.ks = ks;
@@ -591,7 +600,9 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
     }
     const unsigned gx = (unsigned)blocks;
     const cudaStream_t st = as_stream(stream);
-    if (M <= 8)
+    if (x_up)
+        launch_gemv<4, 1, true>(a, gx, smem, st);
+    else if (M <= 8)
         W == 2 ? launch_gemv<2, 1>(a, gx, smem, st) : launch_gemv<4, 1>(a, gx, smem, st);
     else if (M <= 16)
         W == 2 ? launch_gemv<2, 2>(a, gx, smem, st) : launch_gemv<4, 2>(a, gx, smem, st);

@@ -26,8 +26,10 @@ struct GemvLinearDesc {
     int64_t N, n_pad, U;
     int max_bits;
 };
+// x_up (f16 [M, K], or null): the product's x is silu(x) * x_up instead, with silu_mul's roundings,
+// computed as x is staged (the SwiGLU MLP's down projection without a separate silu_mul launch).
 bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count, int64_t M, int64_t K,
                             uintptr_t stream, int sms, int cc_major, int smem_optin, int warps = 0,
-                            int k_splits = 0, int k_warps = 0);
+                            int k_splits = 0, int k_warps = 0, const void* x_up = nullptr);
 
 }  // namespace exl2cuda
