@@ -43,9 +43,18 @@ constexpr int GV_STAGES = 6;      // ring depth per warp
 constexpr int GV_MAX_KS = 16;     // cluster size limit on sm_90 (non-portable above 8)
 constexpr int GV_MAX_M = 32;      // tokens: up to 4 tiles of 8 in the mma's n dimension
 
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool pred) {
+// The weights and scales are read once per product, and a decode step streams far more of them than
+// L2 holds: their lines are marked evict-first, so the per-unit tables (unit_meta, unit_perm) and
+// the activations that every step reads again stay in L2 instead of going back to DRAM.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+    uint64_t p;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+    return p;
+}
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool pred, uint64_t policy) {
     const int n = pred ? 16 : 0;  // 0: nothing read, 16 zero bytes written
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src), "r"(n),
+                 "l"(policy));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -71,6 +80,7 @@ struct LaneCopy {
     unsigned row2;      // 2 * row_bytes: from one of this lane's rows to its next
     unsigned srow;      // bytes per q_scale row: n_pad / 2
     unsigned dst;       // byte offset of the chunk in a stage
+    uint64_t policy;    // evict_first_policy()
     int row0;           // lane / 16
     bool ok;            // the chunk lies inside n_pad
     bool ok_s;
@@ -89,6 +99,7 @@ __device__ __forceinline__ LaneCopy lane_copy(const int32_t* __restrict__ qw, co
     c.w = reinterpret_cast<const char*>(qw) + (size_t)c.row0 * c.row_bytes + 4u * (unsigned)(c.ok ? col : 0);
     c.s = reinterpret_cast<const char*>(qs) + 4u * (unsigned)(c.ok_s ? scol / 8 : 0);
     c.dst = 4u * (unsigned)(c.row0 * GV_ROW_WORDS + 4 * (lane & 15));
+    c.policy = evict_first_policy();
     // Keep these in registers: otherwise the compiler recomputes them from the thread index in
     // every step of the unit loop (~40 instructions per unit).
     asm("" : "+l"(c.w), "+l"(c.s), "+r"(c.row_bytes), "+r"(c.row2), "+r"(c.srow), "+r"(c.dst), "+r"(c.row0));
@@ -99,7 +110,7 @@ __device__ __forceinline__ LaneCopy lane_copy(const int32_t* __restrict__ qw, co
 // range, the group's 8 q_scale words) into the stage at shared address `stage`: [word row]
 // [GV_ROW_WORDS] words, then 8 scale words at byte sc_off. Columns past n_pad read zeros.
 __device__ __forceinline__ void issue_scales(unsigned stage, const int4 um, const LaneCopy& c, unsigned sc_off) {
-    if (c.ok_s) cp_async16(stage + sc_off + c.dst, c.s + (unsigned)um_group(um) * c.srow, true);  // dst = 16 * lane
+    if (c.ok_s) cp_async16(stage + sc_off + c.dst, c.s + (unsigned)um_group(um) * c.srow, true, c.policy);  // dst = 16 * lane
 }
 
 // Any unit (a group's short last unit has fewer word rows than its width).
@@ -109,7 +120,7 @@ __device__ __forceinline__ void issue_unit(unsigned stage, const int4 um, const 
     const char* p = c.w + (unsigned)um.x * c.row_bytes;
 #pragma unroll
     for (int j = 0; j < 4; ++j)  // word rows row0 + 2j (at most 8 rows)
-        if (c.row0 + 2 * j < words) cp_async16(stage + c.dst + 8u * j * GV_ROW_WORDS, p + j * c.row2, c.ok);
+        if (c.row0 + 2 * j < words) cp_async16(stage + c.dst + 8u * j * GV_ROW_WORDS, p + j * c.row2, c.ok, c.policy);
     if (scales) issue_scales(stage, um, c, sc_off);
 }
 
@@ -121,7 +132,7 @@ __device__ __forceinline__ void issue_full(unsigned stage, const int4 um, const 
 #pragma unroll
     for (int j = 0; j < (B + 1) / 2; ++j) {
         if ((B & 1) == 0 || j < B / 2 || c.row0 == 0)  // an odd count: the last row is row 0's lanes'
-            cp_async16(stage + c.dst + 8u * j * GV_ROW_WORDS, p, c.ok);
+            cp_async16(stage + c.dst + 8u * j * GV_ROW_WORDS, p, c.ok, c.policy);
         p += c.row2;
     }
     if (scales) issue_scales(stage, um, c, sc_off);
