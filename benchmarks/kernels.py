@@ -438,7 +438,7 @@ def markdown(res) -> str:
 
 
 def sanitize_pass():
-    """Every CUDA kernel once on small shapes (run under compute-sanitizer)."""
+    """Every CUDA kernel once on small shapes (run under compute-sanitizer), each x staging included."""
     from exl2build import kernels
 
     torch.manual_seed(0)
@@ -458,6 +458,7 @@ def sanitize_pass():
         for M in (1, 3, 8, 16, 32):
             x = torch.randn(M, K, device="cuda").half()
             kernels.exl2_matmul(x, qt)
+            kernels.exl2_matmul_swiglu(x, torch.randn_like(x), qt)  # the down projection's SiLU*up staging
             for cpt, ks, flags in ((1, 1, 0), (2, 4, 0), (1, 8, 1), (2, 2, 4), (2, 3, 2), (0, 1, 8), (0, 3, 8),
                                    (0, 5, 16), (0, 0, 16)):
                 y = torch.empty(M, N, device="cuda", dtype=torch.float16)
