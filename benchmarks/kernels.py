@@ -299,25 +299,26 @@ def sweep_launch_shapes(copy_bw, rows):
         del qts
 
 
-def sweep_gemv(copy_bw, rows, bpws=(4.0,)):
-    """Warps per block x K splits (cluster size) of the decode-sized kernel at M = 1."""
+def sweep_gemv(copy_bw, rows, bpws=(4.0,), Ms=(1,)):
+    """Warps per block x K splits (cluster size) x warps along K of the decode-sized kernel."""
     for bpw in bpws:
         for (K, N) in [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]:
             q0 = random_qtensor(K, N, bpw, seed=91)
             qts = [q0] + [random_qtensor(K, N, bpw, seed=91 + i) for i in range(1, max(2, math.ceil(2 * L2_BYTES / weight_bytes(q0))))]
             wb = weight_bytes(qts[0])
-            x = (torch.randn(1, K, device="cuda") * 0.5).half()
-            y = torch.empty(1, N, device="cuda", dtype=torch.float16)
-            gsets = [gemv_args(x, qt, y) for qt in qts]
-            line = []
-            # kw: warps along K (0 with ks 0: the kernel's choice of both)
-            for warps, kw in ((2, 0), (4, 0), (4, 2), (4, 4)):
-                for ks in (0, 2, 4, 8, 12, 16):
-                    t = time_graph(gemv(gsets, warps, ks, kw), 4 * len(gsets))
-                    rows.append({"K": K, "N": N, "bpw": bpw, "M": 1, "warps": warps, "ks": ks, "kw": kw,
-                                 "us": t * 1e6, "copy_ratio": wb / t / copy_bw})
-                    line.append(f"w{warps}/kw{kw or 'd'}/ks{ks or 'd'} {t * 1e6:.1f}")
-            print(f"gemv sweep {K}x{N} {bpw} bpw M=1: " + "  ".join(line), flush=True)
+            for M in Ms:
+                x = (torch.randn(M, K, device="cuda") * 0.5).half()
+                y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+                gsets = [gemv_args(x, qt, y) for qt in qts]
+                line = []
+                # kw: warps along K (0 with ks 0: the kernel's choice of both)
+                for warps, kw in ((2, 0), (4, 0), (4, 2), (4, 4)):
+                    for ks in (0, 2, 4, 8, 12, 16):
+                        t = time_graph(gemv(gsets, warps, ks, kw), 4 * len(gsets))
+                        rows.append({"K": K, "N": N, "bpw": bpw, "M": M, "warps": warps, "ks": ks, "kw": kw,
+                                     "us": t * 1e6, "copy_ratio": wb / t / copy_bw})
+                        line.append(f"w{warps}/kw{kw or 'd'}/ks{ks or 'd'} {t * 1e6:.1f}")
+                print(f"gemv sweep {K}x{N} {bpw} bpw M={M}: " + "  ".join(line), flush=True)
             del qts
 
 
@@ -513,6 +514,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-only", action="store_true", help="with --gemv: only the ceilings and the sweep")
+    ap.add_argument("--sweep-m", default="1", help="with --gemv: comma-separated token counts of the sweep")
+    ap.add_argument("--sweep-bpw", default=None, help="with --gemv: comma-separated bpws of the sweep (default 2.5,4.0,6.0; 4.0 with --quick)")
     ap.add_argument("--gemv", action="store_true", help="only the ceilings, M = 1 and 8, and the decode-sized kernel's sweep")
     ap.add_argument("--profile", action="store_true", help="launch the fused kernels for ncu and exit")
     ap.add_argument("--profile-bpw", default="4.0", help="with --profile: comma-separated bpws of the decode-sized kernel's launches")
@@ -540,11 +544,13 @@ def main():
     shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
     Ms = [1, 8, 32, 2048]
     if args.gemv:
-        for K, N in shapes:
+        for K, N in shapes if not args.sweep_only else []:
             for bpw in (2.5, 4.0, 6.0) if not args.quick else (4.0,):
                 bench_matmul(K, N, bpw, [1, 8, 16, 32], copy_bw, res["fp16_TFLOPs"], res["matmul"], True)
         if not args.no_sweep:
-            sweep_gemv(copy_bw, res["gemv_sweep"], (2.5, 4.0, 6.0) if not args.quick else (4.0,))
+            bpws = args.sweep_bpw or ("4.0" if args.quick else "2.5,4.0,6.0")
+            sweep_gemv(copy_bw, res["gemv_sweep"], [float(b) for b in bpws.split(",")],
+                       [int(m) for m in args.sweep_m.split(",")])
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
