@@ -56,5 +56,7 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, c
 int device_sm_count();
 int device_cc_major();
 int device_smem_optin();
+int device_smem_per_sm();    // shared memory of one SM, all blocks together
+int device_smem_reserved();  // shared memory the system takes per resident block
 
 }  // namespace exl2cuda

@@ -433,7 +433,7 @@ __global__ void __launch_bounds__(256) dequant_kernel(const uint32_t* __restrict
 }
 
 struct DevInfo {
-    int sms = 0, major = 0, smem_optin = 0;
+    int sms = 0, major = 0, smem_optin = 0, smem_sm = 0, smem_reserved = 0;
 };
 
 DevInfo dev_info() {
@@ -446,6 +446,8 @@ DevInfo dev_info() {
         check(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev), "device query");
         check(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev), "device query");
         check(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "device query");
+        check(cudaDeviceGetAttribute(&d.smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev), "device query");
+        check(cudaDeviceGetAttribute(&d.smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev), "device query");
         cached = d;
         cached_dev = dev;
     }
@@ -483,6 +485,8 @@ void dispatch_mt(int MT, const void* x, const int32_t* qw, const int32_t* qs, co
 int device_sm_count() { return dev_info().sms; }
 int device_cc_major() { return dev_info().major; }
 int device_smem_optin() { return dev_info().smem_optin; }
+int device_smem_per_sm() { return dev_info().smem_sm; }
+int device_smem_reserved() { return dev_info().smem_reserved; }
 
 void exl2_matmul(const void* x, const int32_t* q_weight, const int32_t* q_scale, const uint16_t* q_scale_max,
                  const int16_t* q_groups, const int32_t* q_perm, void* y, int64_t M, int64_t K, int64_t N,

@@ -29,6 +29,7 @@
 #include <cstdlib>
 
 #include "common.cuh"
+#include "kernels_cuda.cuh"
 #include "matmul_gemv.cuh"
 #include "tc_decode.cuh"
 
@@ -566,6 +567,25 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
         return m;
     };
     while (smem_max(ks) > (size_t)smem_optin && ks < GV_MAX_KS) ++ks;
+    // 2-8 tokens: the largest power of two of K splits, at most the default, whose blocks are all
+    // resident at once (by shared memory and the launch bound). A block's x and partial sums grow
+    // with M, and a partial second wave cost more than the splits it added (H200 sweep, session 8:
+    // 4096x14336 at 6.0 bpw, M = 8, 48 -> 39 us with 4 splits instead of 8; 8192x28672 at 2.5 / 4.0
+    // bpw 97 / 96 -> 85 / 78 us with 2 instead of 4). At M = 1 the extra splits won even then.
+    // No fit from 2 up: the default stays (8192x28672 at 6.0 bpw was slower with fewer).
+    if (k_splits <= 0 && k_warps <= 0 && M > 1 && NT == 1) {
+        int64_t col_blocks = 0;
+        for (int l = 0; l < count; ++l) col_blocks += cdiv(cdiv(lins[l].n_pad, GV_COLS), W);
+        const int per_sm_bound = 16 / W / NT, smem_sm = device_smem_per_sm(), reserved = device_smem_reserved();
+        for (int k = ks; k >= 2; k >>= 1) {
+            const size_t sm = smem_max(k);
+            const int per_sm = std::min<int>(per_sm_bound, (int)(smem_sm / (int64_t)(sm + reserved)));
+            if (sm <= (size_t)smem_optin && col_blocks * k <= (int64_t)per_sm * sms) {
+                ks = k;
+                break;
+            }
+        }
+    }
     // Warps along K: where even 16 K splits leave the SMs short of warps (N up to ~8K: 64 columns
     // per warp), 2 warps of a block split its units, over 12 K splits. At M = 1 on the H200 that
     // was the fastest (warps along K, K splits) pair on 4096x4096 and 14336x4096 at 2.5, 4.0 and
