@@ -19,7 +19,8 @@ for pair in hydra:hydra_core omegaconf:omegaconf antlr4:antlr4 gguf:gguf; do
   (cd /tmp && $PY -c "import ${pair%%:*}") 2>/dev/null && continue
   f=$(ls "$REPO"/.whl/${pair#*:}-* 2>/dev/null | head -1); [ -n "$f" ] && $PY -m pip install -q --no-index --no-deps --no-build-isolation "$f" >/dev/null 2>&1
 done
-build() {  # tree, target dir
+build() {  # tree, target dir (emptied first: on a warm machine pip --target keeps the old package)
+  rm -rf "$2"
   EXL2BUILD_CUDA=ON EXL2BUILD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=6 timeout 400 \
     $PY -m pip install --no-build-isolation --no-deps --no-cache-dir --target "$2" "$1" > "$2.log" 2>&1
 }
