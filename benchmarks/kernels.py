@@ -318,7 +318,10 @@ def sweep_gemv(copy_bw, rows, bpws=(4.0,), Ms=(1,)):
                         rows.append({"K": K, "N": N, "bpw": bpw, "M": M, "warps": warps, "ks": ks, "kw": kw,
                                      "us": t * 1e6, "copy_ratio": wb / t / copy_bw})
                         line.append(f"w{warps}/kw{kw or 'd'}/ks{ks or 'd'} {t * 1e6:.1f}")
-                print(f"gemv sweep {K}x{N} {bpw} bpw M={M}: " + "  ".join(line), flush=True)
+                n_pad, U, max_bits = gsets[0][9:12]
+                plan = C.gemv_plan([(n_pad, U, max_bits)], M, *C.device_gemv_figures(), 0, 0, 0)
+                chosen = f"default = w{plan['W']}/kw{plan['kw']}/ks{plan['ks']}" if plan else "default: not applicable"
+                print(f"gemv sweep {K}x{N} {bpw} bpw M={M} ({chosen}): " + "  ".join(line), flush=True)
             del qts
 
 

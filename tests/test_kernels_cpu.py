@@ -433,3 +433,48 @@ def test_fp16_conversions_exhaustive_through_matmul():
 def test_uses_dequant_decisions(M, K, N, cuda_f16, expect):
     """Which products exl2_matmul computes as dequant + torch.matmul (the measured crossovers)."""
     assert kernels.uses_dequant(M, K, N, cuda_f16) is expect
+
+
+# An H200's figures (cudaDevAttr...: SMs, shared memory per block opt-in, per SM, reserved per block).
+H200 = (132, 232448, 233472, 1024)
+
+
+def _plan(lins, M, figures=H200, warps=0, k_splits=0, k_warps=0):
+    return _native.cuda.gemv_plan(lins, M, *figures, warps, k_splits, k_warps)
+
+
+@pytest.mark.skipif(not getattr(_native, "built_with_cuda", False), reason="the CUDA launchers are not built")
+@pytest.mark.parametrize("lins, M, want", [
+    # (n_pad, 32-row units, largest bit width) per linear; the choices behind benchmarks/RESULTS.md's sweeps
+    ([(4096, 128, 4)], 1, dict(ks=12, kw=2)),    # 4096x4096: 2 warps along K over 12 splits (session 6)
+    ([(14336, 128, 4)], 1, dict(ks=8, kw=1)),    # 4096x14336
+    ([(28672, 256, 4)], 1, dict(ks=4, kw=1)),    # 8192x28672
+    ([(14336, 128, 4)], 8, dict(ks=8, kw=1)),    # 448 blocks, 4 per SM fit: the default stays
+    ([(14336, 128, 6)], 8, dict(ks=4, kw=1)),    # 3 per SM fit (396 < 448 blocks): 4 splits (session 8)
+    ([(28672, 256, 4)], 8, dict(ks=2, kw=1)),    # 8192x28672 4.0 bpw: 2 splits (session 8)
+    ([(28672, 256, 6)], 8, dict(ks=4, kw=1)),    # no fit from 2 up: the default stays
+    ([(4096, 448, 4)], 8, dict(ks=16, kw=1)),    # 14336x4096: 256 blocks fit
+    ([(14336, 128, 4)], 16, dict(ks=8, kw=1, NT=2)),  # the rule stops at 8 tokens
+    ([(4096, 128, 4), (1024, 128, 4), (1024, 128, 4)], 1, dict(ks=12, kw=2)),  # q, k, v in one launch
+])
+def test_gemv_plan_choices(lins, M, want):
+    """The decode-sized kernel's launch shape for an H200 (gemv_plan.h, host code: no GPU needed)."""
+    plan = _plan(lins, M)
+    assert plan is not None
+    assert {k: plan[k] for k in want} == want
+    assert plan["W"] == 4 and plan["smem"] <= H200[1]
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    assert plan["blocks"] == sum(cdiv(cdiv(n, 64), 4 // plan["kw"]) for n, _, _ in lins)  # 64 columns per warp
+
+
+@pytest.mark.skipif(not getattr(_native, "built_with_cuda", False), reason="the CUDA launchers are not built")
+def test_gemv_plan_declines():
+    """None where the kernel does not apply: the launcher then takes another kernel."""
+    one = [(4096, 128, 4)]
+    assert _plan(one, 0) is None and _plan(one, 33) is None
+    assert _plan([(4096, 128, 9)], 1) is None and _plan([(4096, 0, 4)], 1) is None
+    assert _plan(one, 1, warps=2, k_warps=4) is None           # more warps along K than the block has
+    assert _plan([(4096, 448, 8)], 32, figures=(132, 20000, 233472, 1024)) is None  # no split fits the shared memory
+    assert _plan(one, 1, k_splits=3)["ks"] == 3               # explicit choices are kept
+    with pytest.raises(ValueError, match="1 to 3 linears"):
+        _plan(one * 4, 1)

@@ -8,10 +8,12 @@
 #include <pybind11/stl.h>
 
 #include <stdexcept>
+#include <tuple>
 #include <vector>
 
 #include <cstdint>
 
+#include "gemv_plan.h"
 #include "kernels_cuda.cuh"
 #include "matmul_gemv.cuh"
 #include "matmul_tc.cuh"
@@ -91,6 +93,23 @@ void register_cuda(py::module_& m) {
         if (bits < 2 || bits > 8 || bits == 7) throw std::invalid_argument("pair_factor: bits is 2, 3, 4, 5, 6 or 8");
         return exl2cuda::pair_factor_of(bits, r);
     });
+    // The decode-sized kernel's launch shape for linears [(n_pad, U, max_bits), ...] at M tokens on a
+    // device with these figures (gemv_plan.h, a host function: no GPU needed); None where the kernel
+    // does not apply, else a dict W, NT, ks, kw, smem, blocks. For the tests and the benchmarks.
+    m.def("gemv_plan", [](const std::vector<std::tuple<int64_t, int64_t, int>>& lins, int64_t M, int sms,
+                          int smem_optin, int smem_per_sm, int smem_reserved, int warps, int k_splits,
+                          int k_warps) -> py::object {
+        if (lins.empty() || lins.size() > (size_t)exl2cuda::GV_MAX_LINEARS)
+            throw std::invalid_argument("gemv_plan: 1 to 3 linears");
+        std::vector<exl2cuda::GemvShape> shapes;
+        for (const auto& [n_pad, U, max_bits] : lins) shapes.push_back({n_pad, U, max_bits});
+        const exl2cuda::GemvPlan p = exl2cuda::gemv_plan(shapes.data(), (int)shapes.size(), M,
+                                                         {sms, smem_optin, smem_per_sm, smem_reserved}, warps,
+                                                         k_splits, k_warps);
+        if (!p.ok) return py::none();
+        return py::dict(py::arg("W") = p.W, py::arg("NT") = p.NT, py::arg("ks") = p.ks, py::arg("kw") = p.kw,
+                        py::arg("smem") = p.smem, py::arg("blocks") = p.blocks);
+    });
     // The decode-sized kernel (M <= 32, sm_90) with the per-unit tables of kernels.unit_tables;
     // returns False when it does not apply. warps (2 or 4, 0 = default), k_splits (1..16, 0 = choose)
     // and k_warps (warps along K: 1, 2, 4; 0 = choose) are for benchmarks/kernels.py.
@@ -158,4 +177,8 @@ void register_cuda(py::module_& m) {
         exl2cuda::silu_mul(ptr<const void>(g), ptr<const void>(u), ptr<void>(out), n, stream);
     }, nogil);
     m.def("device_sm_count", []() { return exl2cuda::device_sm_count(); }, "SMs of the current device");
+    m.def("device_gemv_figures", []() {
+        return py::make_tuple(exl2cuda::device_sm_count(), exl2cuda::device_smem_optin(), exl2cuda::device_smem_per_sm(),
+                              exl2cuda::device_smem_reserved());
+    }, "(SMs, shared memory per block opt-in, per SM, reserved per block): gemv_plan's device figures");
 }

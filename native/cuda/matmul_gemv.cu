@@ -29,6 +29,7 @@
 #include <cstdlib>
 
 #include "common.cuh"
+#include "gemv_plan.h"
 #include "kernels_cuda.cuh"
 #include "matmul_gemv.cuh"
 #include "tc_decode.cuh"
@@ -37,12 +38,6 @@
 namespace exl2cuda {
 
 namespace {
-
-constexpr int GV_COLS = 64;       // output columns per warp
-constexpr int GV_ROW_WORDS = 72;  // one word row of a stage: 64 words + 8 of padding (conflict-free reads)
-constexpr int GV_STAGES = 6;      // ring depth per warp
-constexpr int GV_MAX_KS = 16;     // cluster size limit on sm_90 (non-portable above 8)
-constexpr int GV_MAX_M = 32;      // tokens: up to 4 tiles of 8 in the mma's n dimension
 
 // The weights and scales are read once per product, and a decode step streams far more of them than
 // L2 holds: their lines are marked evict-first, so the per-unit tables (unit_meta, unit_perm) and
@@ -277,8 +272,6 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
 // One launch serves up to GV_MAX_LINEARS linears that read the same x (q, k and v; gate and up):
 // the column tiles of linear l are blocks tile_end[l - 1] .. tile_end[l] - 1 along x, so each
 // block belongs to one linear and the blocks of a cluster (along y) to the same one.
-constexpr int GV_MAX_LINEARS = 3;
-
 struct GemvLinear {
     const int32_t* qw;
     const int32_t* qs;
@@ -521,88 +514,23 @@ void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
 bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count, int64_t M, int64_t K,
                             uintptr_t stream, int sms, int cc_major, int smem_optin, int warps, int k_splits,
                             int k_warps, const void* x_up) {
-    if (cc_major < 9 || M <= 0 || M > GV_MAX_M || count < 1 || count > GV_MAX_LINEARS) return false;
+    if (cc_major < 9 || count < 1 || count > GV_MAX_LINEARS) return false;
     // The SwiGLU staging is built for decode (one linear, up to 8 tokens, 4 warps); elsewhere the
     // caller runs silu_mul first.
     if (x_up && (count != 1 || M > 8 || warps == 2)) return false;
-    const int NT = M <= 8 ? 1 : M <= 16 ? 2 : 4;
-    int64_t tiles = 0, u_min = INT64_MAX;
+    GemvShape shapes[GV_MAX_LINEARS];
     for (int l = 0; l < count; ++l) {
         const GemvLinearDesc& d = lins[l];
-        if (d.U <= 0 || d.max_bits < 2 || d.max_bits > 8) return false;
         if (reinterpret_cast<uintptr_t>(d.q_weight) % 16 || reinterpret_cast<uintptr_t>(d.q_scale) % 16 ||
             reinterpret_cast<uintptr_t>(d.unit_meta) % 16)
             return false;
-        // 32-bit byte offsets inside q_weight and q_scale (LaneCopy): U units of at most 8 word rows.
-        if ((d.U * 8 + 8) * d.n_pad * 4 >= (1LL << 31)) return false;
-        if (d.U * GV_MAX_KS >= (1LL << 31)) return false;  // the kernel's 32-bit unit ranges
-        tiles += cdiv(d.n_pad, GV_COLS);
-        u_min = std::min(u_min, d.U);
+        shapes[l] = {d.n_pad, d.U, d.max_bits};
     }
-    const int W = warps == 2 ? 2 : 4;
-    // Enough warps to keep ~16 per SM streaming (one per 64 columns and K split), at least 4 units
-    // per block.
-    int ks;
-    if (k_splits > 0) {
-        ks = std::min(k_splits, GV_MAX_KS);
-    } else {
-        ks = (int)std::max<int64_t>(1, std::min<int64_t>(GV_MAX_KS, (16LL * sms + tiles / 2) / tiles));
-        ks = (int)std::min<int64_t>(ks, std::max<int64_t>(1, u_min / 4));
-        // A power of two: clusters of 9 or 12 blocks ran 10-30 % slower than 8 or 16 on the H200
-        // (benchmarks/RESULTS.md, the decode-sized kernel's sweep).
-        while (ks & (ks - 1)) ks &= ks - 1;
-    }
-    // Shared memory of a block of linear l (stages, x, unit_meta, sum(x) terms, partial sums); the
-    // launch takes the largest.
-    auto smem_for = [&](int k, int l) {
-        const int64_t nu_max = cdiv(lins[l].U, k);
-        const int64_t xs_bytes = cdiv(nu_max * M * 32 * 2, 16) * 16;
-        const int64_t stage_words = lins[l].max_bits * GV_ROW_WORDS + 8;
-        return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + (nu_max + GV_STAGES) * 16 +
-                        nu_max * 32 * NT + 32 * NT + M * W * GV_COLS * 4);
-    };
-    auto smem_max = [&](int k) {
-        size_t m = 0;
-        for (int l = 0; l < count; ++l) m = std::max(m, smem_for(k, l));
-        return m;
-    };
-    while (smem_max(ks) > (size_t)smem_optin && ks < GV_MAX_KS) ++ks;
-    // 2-8 tokens: the largest power of two of K splits, at most the default, whose blocks are all
-    // resident at once (by shared memory and the launch bound). A block's x and partial sums grow
-    // with M, and a partial second wave cost more than the splits it added (H200 sweep, session 8:
-    // 4096x14336 at 6.0 bpw, M = 8, 48 -> 39 us with 4 splits instead of 8; 8192x28672 at 2.5 / 4.0
-    // bpw 97 / 96 -> 85 / 78 us with 2 instead of 4). At M = 1 the extra splits won even then.
-    // No fit from 2 up: the default stays (8192x28672 at 6.0 bpw was slower with fewer).
-    if (k_splits <= 0 && k_warps <= 0 && M > 1 && NT == 1) {
-        int64_t col_blocks = 0;
-        for (int l = 0; l < count; ++l) col_blocks += cdiv(cdiv(lins[l].n_pad, GV_COLS), W);
-        const int per_sm_bound = 16 / W / NT, smem_sm = device_smem_per_sm(), reserved = device_smem_reserved();
-        for (int k = ks; k >= 2; k >>= 1) {
-            const size_t sm = smem_max(k);
-            const int per_sm = std::min<int>(per_sm_bound, (int)(smem_sm / (int64_t)(sm + reserved)));
-            if (sm <= (size_t)smem_optin && col_blocks * k <= (int64_t)per_sm * sms) {
-                ks = k;
-                break;
-            }
-        }
-    }
-    // Warps along K: where even 16 K splits leave the SMs short of warps (N up to ~8K: 64 columns
-    // per warp), 2 warps of a block split its units, over 12 K splits. At M = 1 on the H200 that
-    // was the fastest (warps along K, K splits) pair on 4096x4096 and 14336x4096 at 2.5, 4.0 and
-    // 6.0 bpw but for 4096x4096 at 4.0 bpw (8 % behind (2, 8)); 14336x4096 gained 9-15 % over
-    // 16 K splits alone (benchmarks/RESULTS.md, session 6 sweep; clusters of 12 were slower with
-    // kw = 1). At M = 8 the same choice was 1.5x slower on 14336x4096, so it stays at M = 1.
-    int kw = 1;
-    if (k_warps > 0) {
-        kw = k_warps;
-    } else if (k_splits <= 0 && M == 1 && ks == GV_MAX_KS && W == 4 && u_min >= 2 * 12 * 4 &&
-               smem_max(12) <= (size_t)smem_optin) {
-        kw = 2;
-        ks = 12;
-    }
-    if (W % kw) return false;
-    const size_t smem = smem_max(ks);
-    if (smem > (size_t)smem_optin) return false;
+    const GemvPlan plan = gemv_plan(shapes, count, M, {sms, smem_optin, device_smem_per_sm(), device_smem_reserved()},
+                                    warps, k_splits, k_warps);
+    if (!plan.ok) return false;
+    const int W = plan.W, ks = plan.ks, kw = plan.kw;
+    const size_t smem = plan.smem;
     GemvArgs a = {};
     a.x = reinterpret_cast<const __half*>(x);
     a.xu = reinterpret_cast<const __half*>(x_up);
