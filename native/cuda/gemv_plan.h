@@ -36,6 +36,11 @@ struct GemvPlan {
 
 inline int64_t gemv_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Blocks along x for one linear: its 64-column tiles, tiles_per_block (W / kw) to a block.
+inline int64_t gemv_col_blocks(int64_t n_pad, int tiles_per_block) {
+    return gemv_cdiv(gemv_cdiv(n_pad, GV_COLS), tiles_per_block);
+}
+
 // Shared memory of a block of a linear (stages, x, unit_meta with its spare entries, sum(x) terms,
 // partial sums) at k K splits.
 inline size_t gemv_smem(const GemvShape& s, int64_t M, int W, int NT, int k) {
@@ -91,7 +96,7 @@ inline GemvPlan gemv_plan(const GemvShape* lins, int count, int64_t M, const Gem
     // No fit from 2 up: the default stays (8192x28672 at 6.0 bpw was slower with fewer).
     if (k_splits <= 0 && k_warps <= 0 && M > 1 && NT == 1) {
         int64_t col_blocks = 0;
-        for (int l = 0; l < count; ++l) col_blocks += gemv_cdiv(gemv_cdiv(lins[l].n_pad, GV_COLS), W);
+        for (int l = 0; l < count; ++l) col_blocks += gemv_col_blocks(lins[l].n_pad, W);
         const int per_sm_bound = 16 / W / NT;
         for (int k = ks; k >= 2; k >>= 1) {
             const size_t sm = smem_max(k);
@@ -120,7 +125,7 @@ inline GemvPlan gemv_plan(const GemvShape* lins, int count, int64_t M, const Gem
     const size_t smem = smem_max(ks);
     if (smem > (size_t)dev.smem_optin) return p;
     int64_t blocks = 0;
-    for (int l = 0; l < count; ++l) blocks += gemv_cdiv(gemv_cdiv(lins[l].n_pad, GV_COLS), W / kw);
+    for (int l = 0; l < count; ++l) blocks += gemv_col_blocks(lins[l].n_pad, W / kw);
     p.ok = true;
     p.W = W;
     p.NT = NT;

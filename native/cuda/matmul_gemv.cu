@@ -553,7 +553,7 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
             g.U = (int)d.U;
             g.nu_max = (int)cdiv(d.U, ks);
             g.stage_words = d.max_bits * GV_ROW_WORDS + 8;
-            blocks += (int)cdiv(cdiv(d.n_pad, GV_COLS), W / kw);
+            blocks += (int)gemv_col_blocks(d.n_pad, W / kw);
         }
         a.tile_end[l] = blocks;
     }
