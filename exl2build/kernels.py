@@ -367,8 +367,16 @@ def _gemv_applies(x: torch.Tensor, N: int) -> bool:
     return K * N > GEMV_SMALL_LINEAR or M == 1 or 8 < M <= 16
 
 
+def gemv_desc(qt, y: torch.Tensor) -> list[int] | None:
+    """The 9 ints the decode-sized kernels (exl2_matmul_gemv, _group, _swiglu) take per linear,
+    writing its product into y: q_weight, q_scale, unit_meta, unit_perm and y pointers, N, N_pad,
+    units, max bits. None without unit tables. Validates qt first (for callers outside this module)."""
+    _check_qtensor(qt)
+    return _gemv_desc(qt, y)
+
+
 def _gemv_desc(qt, y: torch.Tensor) -> list[int] | None:
-    """The 9 ints exl2_matmul_gemv(_group) takes per linear, or None without unit tables."""
+    """gemv_desc for a qtensor that _check_qtensor has just validated."""
     tables = _unit_tables(qt, qt._validated)  # _check_qtensor has just computed the identity
     if tables is None:
         return None

@@ -370,11 +370,9 @@ def test_exl2_matmul_tensor_core_k_splits(ks, M):
 
 def _gemv_native(xh, qd, M, warps=0, ks=0, kw=0):
     """The decode-sized kernel (matmul_gemv.cu) directly; (launched?, y)."""
-    meta, uperm, max_bits = kernels.unit_tables(qd)
     y = poisoned((M, qd.N), torch.float16, float("nan"))
-    done = _native.cuda.exl2_matmul_gemv(xh.data_ptr(), qd.q_weight.data_ptr(), qd.q_scale.data_ptr(),
-                                         meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), M, qd.K, qd.N, qd.n_pad,
-                                         meta.shape[0], max_bits, warps, ks, kw, stream())
+    d = kernels.gemv_desc(qd, y)
+    done = _native.cuda.exl2_matmul_gemv(xh.data_ptr(), *d[:5], M, qd.K, *d[5:], warps, ks, kw, stream())
     torch.cuda.synchronize()
     return done, y
 
@@ -470,11 +468,7 @@ GROUP_LAYOUTS = [
 
 def _group_native(xh, qds, M, ks=0, kw=0):
     ys = [poisoned((M, qd.N), torch.float16, float("nan")) for qd in qds]
-    desc = []
-    for qd, y in zip(qds, ys):
-        meta, uperm, max_bits = kernels.unit_tables(qd)
-        desc += [qd.q_weight.data_ptr(), qd.q_scale.data_ptr(), meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), qd.N,
-                 qd.n_pad, meta.shape[0], max_bits]
+    desc = [v for qd, y in zip(qds, ys) for v in kernels.gemv_desc(qd, y)]
     done = _native.cuda.exl2_matmul_gemv_group(xh.data_ptr(), desc, M, xh.shape[1], 4, ks, kw, stream())
     torch.cuda.synchronize()
     return done, ys
@@ -514,11 +508,9 @@ def test_exl2_matmul_group_dispatch():
 
 
 def _swiglu_native(gh, uh, qd, M):
-    meta, uperm, max_bits = kernels.unit_tables(qd)
     y = poisoned((M, qd.N), torch.float16, float("nan"))
-    desc = [qd.q_weight.data_ptr(), qd.q_scale.data_ptr(), meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), qd.N,
-            qd.n_pad, meta.shape[0], max_bits]
-    done = _native.cuda.exl2_matmul_gemv_swiglu(gh.data_ptr(), uh.data_ptr(), desc, M, gh.shape[1], stream())
+    done = _native.cuda.exl2_matmul_gemv_swiglu(gh.data_ptr(), uh.data_ptr(), kernels.gemv_desc(qd, y), M,
+                                                gh.shape[1], stream())
     torch.cuda.synchronize()
     return done, y
 
