@@ -17,7 +17,7 @@ of a replayed CUDA graph (what `generate` does) against the bandwidth limit: byt
 decoder's and head's weights / the copy bandwidth measured in the same run.
 
 Usage: python benchmarks/decode_ops.py [--device cpu|cuda] [--preset smollm2|llama2-7b] [--layers N]
-       [--exl2 4.0] [--steps 5] [--cache-len 272 --start 16] [--sdpa]
+       [--exl2 4.0] [--steps 5] [--cache-len 272 --start 16] [--sdpa] [--timeline]
 """
 
 from __future__ import annotations
@@ -123,6 +123,67 @@ def graph_step_seconds(model, cache, start: int, steps: int = 50) -> float:
     return statistics.median(times)
 
 
+def graph_timeline(model, cache, start: int, layers: int, steps: int = 3) -> None:
+    """Where a replayed graph step's time goes: per kernel name, its mean GPU time and the mean gap
+    from the previous kernel's end to its start (negative: it started before the previous one ended,
+    as a programmatic dependent launch may), from the profiler's trace of `steps` replays."""
+    from exl2build.model.generate import GraphDecoder
+
+    cache.length = start
+    dec = GraphDecoder(model, cache)
+    ids = torch.tensor([5], device=model.device)
+    for _ in range(3):
+        dec.step(ids)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec.step(ids)
+        torch.cuda.synchronize()
+    ks = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                key=lambda e: e.time_range.start)
+    if len(ks) < 2:
+        print(f"timeline: the profiler saw {len(ks)} kernels in {steps} graph replays (no graph-node tracing here)")
+        return
+    rows: dict[str, list] = {}
+    prev_end = None
+    for e in ks:
+        r = rows.setdefault(e.name, [0, 0.0, 0.0])
+        r[0] += 1
+        r[1] += e.time_range.end - e.time_range.start
+        if prev_end is not None:
+            r[2] += e.time_range.start - prev_end
+        prev_end = max(prev_end or 0, e.time_range.end)
+    span = (ks[-1].time_range.end - ks[0].time_range.start) / steps
+    busy = sum(r[1] for r in rows.values()) / steps
+    print(f"timeline of {steps} graph replays: {len(ks) // steps} kernels per step, span {span:.0f} us per step, "
+          f"kernels {busy:.0f} us (sums of durations; overlaps counted twice), gaps {span - busy:.0f} us")
+    print(f"  {'us/step':>8} {'calls':>5} {'us/call':>8} {'gap us':>7}  kernel")
+    for name, (n, t, g) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {t / steps:8.1f} {n // steps:5d} {t / n:8.2f} {g / n:7.2f}  {name[:100]}")
+    # One layer's kernels in order (the same linear kernel serves several shapes): the layer is the
+    # run of kernels between two launches of a kernel that runs once per layer.
+    per_step = len(ks) // steps
+    names = [e.name for e in ks[:per_step]]
+    once = [n for n in dict.fromkeys(names) if names.count(n) == layers]
+    if not once:
+        return
+    at = [i for i, n in enumerate(ks) if n.name == once[0]]
+    period = at[1] - at[0]
+    slots = [[0, 0.0, 0.0, ks[at[0] + j].name] for j in range(period)]
+    for a in at:
+        if a + period > len(ks) or a == 0:
+            continue
+        for j in range(period):
+            e, p = ks[a + j], ks[a + j - 1]
+            slots[j][0] += 1
+            slots[j][1] += e.time_range.end - e.time_range.start
+            slots[j][2] += e.time_range.start - p.time_range.end
+    print(f"one layer ({period} kernels, from {once[0][:60]}):")
+    for n, t, g, name in slots:
+        print(f"  {t / n:8.2f} us  gap {g / n:6.2f} us  {name[:100]}")
+    print(f"  {sum(s[1] / s[0] for s in slots):8.2f} us in kernels, {sum(s[2] / s[0] for s in slots):6.2f} us in gaps per layer")
+
+
 def leaf_ops(prof) -> Counter:
     """Computing aten operators that have no aten operator below them."""
     out = Counter()
@@ -145,6 +206,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--start", type=int, default=16, help="position of the first timed step (attention reads this many keys)")
     ap.add_argument("--sdpa", action="store_true", help="attention through SDPA with a mask, not decode_attention")
+    ap.add_argument("--timeline", action="store_true", help="(CUDA) also trace graph replays: GPU time and gaps per kernel")
     args = ap.parse_args()
     if args.sdpa:
         forward.DECODE_ATTENTION = False
@@ -211,6 +273,8 @@ def main() -> int:
         print(f"CUDA graph step {1e3 * t:.3f} ms = {1 / t:.1f} tok/s; weights {weight_bytes(model) / 1e9:.3f} GB, "
               f"copy bandwidth {bw / 1e9:.0f} GB/s -> limit {1e3 * limit:.3f} ms = {1 / limit:.0f} tok/s "
               f"({100 * limit / t:.1f} % of the limit)")
+        if args.timeline:
+            graph_timeline(model, cache, args.start, cfg.num_layers)
     return 0
 
 

@@ -6,7 +6,7 @@
 # sm_90), then runs decode_ops.py for each preset with the builds alternating, ROUNDS times.
 # Logs in $OUT/ab_decode.log. KERNELS=1 also times exl2_matmul at M = 1, 8, 16, 32 on the four Llama shapes
 # (`kernels.py --gemv --no-sweep`) for each build, alternating, and joins them in $OUT/ab_kernels.md.
-# Usage: TREES='base:.ab_base head:.' [CHECK_K='gemv or group'] [SANITIZE=head] [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] \
+# Usage: TREES='base:.ab_base head:.' [ENVS='K=0;K=1'] [CHECK_K='gemv or group'] [TIMELINE=1] [SANITIZE=head] [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] \
 #        bash benchmarks/device_ab_decode.sh
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -30,7 +30,8 @@ echo "builds done in $(( $(date +%s) - t0 )) s"
 for tr in "${trees[@]}"; do echo "${tr%%:*}: $(tail -1 "/tmp/ab_${tr%%:*}.log")"; done
 # CHECK_K: first run the CUDA tests of each build but the first (the reference) selected by this -k expression (e.g. "gemv or group"), from its tree.
 if [ -n "${CHECK_K:-}" ]; then
-  for tr in "${trees[@]:1}"; do  # the first tree is the reference
+  checked=("${trees[@]:1}"); [ ${#trees[@]} -eq 1 ] && checked=("${trees[@]}")  # the first tree is the reference, unless alone
+  for tr in "${checked[@]}"; do
     side=${tr%%:*}; tree=$(cd "$REPO/${tr#*:}" && pwd)
     (cd /tmp && PYTHONPATH=/tmp/ab_$side timeout 120 $PY -m pytest "$tree/tests" -m cuda -q -n 16 -p no:cacheprovider \
       --rootdir "$tree" -k "$CHECK_K") > "$OUT/ab_check_$side.log" 2>&1
@@ -38,16 +39,39 @@ if [ -n "${CHECK_K:-}" ]; then
   done
 fi
 IFS=';' read -ra presets <<< "${PRESETS:-llama2-7b --exl2 4.0;smollm2 --exl2 4.0}"
+# ENVS='A=1;A=2': each build runs once per environment setting (labels side0, side1, ...), e.g. to
+# compare a launcher's EXL2BUILD_* knob within one build.
+IFS=';' read -ra envs <<< "${ENVS:-}"; [ ${#envs[@]} -eq 0 ] && envs=("")
+runs=()  # label|build|tree|env
+for tr in "${trees[@]}"; do
+  for k in "${!envs[@]}"; do
+    label=${tr%%:*}; [ ${#envs[@]} -gt 1 ] && label=$label$k
+    runs+=("$label|${tr%%:*}|$(cd "$REPO/${tr#*:}" && pwd)|${envs[$k]}")
+    [ -n "${envs[$k]}" ] && echo "$label = ${tr%%:*} with ${envs[$k]}"
+  done
+done
 : > "$OUT/ab_decode.log"
 for r in $(seq "${ROUNDS:-2}"); do
   for preset in "${presets[@]}"; do
-    for tr in "${trees[@]}"; do
-      side=${tr%%:*}; tree=$(cd "$REPO/${tr#*:}" && pwd)
-      line=$(cd /tmp && PYTHONPATH=/tmp/ab_$side timeout 180 $PY "$tree/benchmarks/decode_ops.py" --device cuda --preset $preset 2>&1 | grep "CUDA graph step")
-      echo "round $r | $side | $preset | $line" | tee -a "$OUT/ab_decode.log"
+    for run in "${runs[@]}"; do
+      IFS='|' read -r label side tree e <<< "$run"
+      line=$(cd /tmp && env $e PYTHONPATH=/tmp/ab_$side timeout 180 $PY "$tree/benchmarks/decode_ops.py" --device cuda --preset $preset 2>&1 | grep "CUDA graph step")
+      echo "round $r | $label | $preset | $line" | tee -a "$OUT/ab_decode.log"
     done
   done
 done
+# TIMELINE=1: per preset and tree, one more run that traces graph replays (decode_ops.py --timeline):
+# GPU time and gaps per kernel and per slot of a layer; in $OUT/timeline_<side>_<preset>.log.
+if [ -n "${TIMELINE:-}" ]; then
+  for preset in "${presets[@]}"; do
+    for run in "${runs[@]}"; do
+      IFS='|' read -r label side tree e <<< "$run"; tag=$(echo "$preset" | tr -c 'a-z0-9.\n' '_' | cut -c1-24)
+      (cd /tmp && env $e PYTHONPATH=/tmp/ab_$side timeout 240 $PY "$tree/benchmarks/decode_ops.py" --device cuda --preset $preset \
+        --timeline) > "$OUT/timeline_${label}_$tag.log" 2>&1
+      echo "timeline | $label | $preset | rc=$? | $(grep 'timeline of' "$OUT/timeline_${label}_$tag.log")"
+    done
+  done
+fi
 # SANITIZE=name: compute-sanitizer memcheck and racecheck over one pass through every kernel of that
 # tree's build (kernels.py --sanitize), after the decode timings; logs in $OUT/sanitize_<tool>.log.
 if [ -n "${SANITIZE:-}" ]; then
@@ -59,17 +83,17 @@ if [ -n "${SANITIZE:-}" ]; then
 fi
 [ -n "${KERNELS:-}" ] || exit 0
 for r in $(seq "${ROUNDS:-2}"); do
-  for tr in "${trees[@]}"; do
-    side=${tr%%:*}; tree=$(cd "$REPO/${tr#*:}" && pwd)
-    (cd /tmp && PYTHONPATH=/tmp/ab_$side timeout 240 $PY "$tree/benchmarks/kernels.py" --gemv --no-sweep) \
-      > "$OUT/ab_kernels_${side}_$r.log" 2>&1
-    echo "round $r | $side | kernels.py rc=$?"
+  for run in "${runs[@]}"; do
+    IFS='|' read -r label side tree e <<< "$run"
+    (cd /tmp && env $e PYTHONPATH=/tmp/ab_$side timeout 240 $PY "$tree/benchmarks/kernels.py" --gemv --no-sweep) \
+      > "$OUT/ab_kernels_${label}_$r.log" 2>&1
+    echo "round $r | $label | kernels.py rc=$?"
   done
 done
-# One row per shape, bpw and M: each build's median over the rounds.
-$PY - "$OUT" "${trees[@]}" <<'PYEOF'
+# One row per shape, bpw and M: each run's median over the rounds.
+$PY - "$OUT" "${runs[@]}" <<'PYEOF'
 import glob, re, statistics, sys
-out, sides = sys.argv[1], [t.split(":")[0] for t in sys.argv[2:]]
+out, sides = sys.argv[1], [t.split("|")[0] for t in sys.argv[2:]]
 times = {}
 for side in sides:
     for path in glob.glob(f"{out}/ab_kernels_{side}_*.log"):
