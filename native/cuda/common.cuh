@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -186,6 +187,19 @@ void launch_k_split(void (*kern)(Params...), dim3 grid, int threads, size_t smem
     cfg.numAttrs = n;
     check(cudaLaunchKernelEx(&cfg, kern, args...), what);
     check_launch(what);
+}
+
+// kern<<<grid, threads, smem, st>>>(args...) as a programmatic dependent launch: a kernel that calls
+// grid_dependency_wait() before it reads the previous kernel's output or writes anything.
+// Early launches are off where EXL2BUILD_NO_PDL is set (for A/B timings, benchmarks/decode_ops.py).
+inline bool pdl_enabled() {
+    static const bool on = std::getenv("EXL2BUILD_NO_PDL") == nullptr;
+    return on;
+}
+template <class... Params, class... Args>
+void launch_early(void (*kern)(Params...), dim3 grid, int threads, size_t smem, cudaStream_t st, const char* what,
+                  Args... args) {
+    launch_k_split(kern, grid, threads, smem, st, 1, what, pdl_enabled(), args...);
 }
 
 // f16(f16(silu(g)) * u), as torch's silu (f32, rounded to f16) then an f16 multiply: the SwiGLU

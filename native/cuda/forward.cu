@@ -13,7 +13,10 @@
 //  * decode_attention: softmax(q k^T / sqrt(D)) v of one new token over the stored keys, in f32
 //    (the CUDA-graph decode step's attention; SDPA's rounding differs, within 1e-2 relative).
 // Each lets the next kernel start at once (programmatic dependent launch): the matmul that follows
-// prefetches its weights while this one runs and waits for it before reading its output.
+// prefetches its weights while this one runs and waits for it before reading its output. Each is
+// launched early in the same way (launch_early) and waits for the previous kernel before it reads
+// an activation or writes anything, so its start-up overlaps that kernel's tail instead of
+// following it (the norm loads its weights before the wait).
 // The norm's f32 sum runs in a different order than torch's, so its outputs may differ from
 // torch's in the last bit; rope_cache and silu_mul match torch bit for bit.
 
@@ -51,6 +54,7 @@ __global__ void __launch_bounds__(NORM_THREADS) rms_norm_kernel(const __half* __
                                                                 __half* __restrict__ out, __half* h_out, int dim,
                                                                 float eps) {
     grid_dependents_launch();  // a following matmul may start prefetching its weights now
+    grid_dependency_wait();    // launched early itself: x and r may still be being written
     const int64_t row = blockIdx.x;
     const __half* xr = x + row * dim;
     const __half* rr = r ? r + row * dim : nullptr;
@@ -82,6 +86,16 @@ __global__ void __launch_bounds__(NORM_THREADS) rms_norm_vec_kernel(const __half
     grid_dependents_launch();
     const int64_t row = blockIdx.x;
     const int chunks = dim / 8;
+    // The weights are constants: their loads go out before the wait for the previous kernel.
+    float4 wv[V][2];
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+        const int i = threadIdx.x + c * NORM_THREADS;
+        if (i >= chunks) break;
+        wv[c][0] = reinterpret_cast<const float4*>(w)[2 * i];
+        wv[c][1] = reinterpret_cast<const float4*>(w)[2 * i + 1];
+    }
+    grid_dependency_wait();
     uint4 h[V];
     float ss = 0.0f;
 #pragma unroll
@@ -112,7 +126,7 @@ __global__ void __launch_bounds__(NORM_THREADS) rms_norm_vec_kernel(const __half
     for (int c = 0; c < V; ++c) {
         const int i = threadIdx.x + c * NORM_THREADS;
         if (i >= chunks) break;
-        const float4 w0 = reinterpret_cast<const float4*>(w)[2 * i], w1 = reinterpret_cast<const float4*>(w)[2 * i + 1];
+        const float4 w0 = wv[c][0], w1 = wv[c][1];
         const float ws[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
         const __half2* hv = reinterpret_cast<const __half2*>(&h[c]);
         uint4 o;
@@ -142,6 +156,7 @@ __global__ void rope_cache_kernel(__half* q, const __half* __restrict__ k, const
                                   const int64_t* __restrict__ pos, int64_t start, int T, int H, int Hkv, int D,
                                   int64_t max_len) {
     grid_dependents_launch();
+    grid_dependency_wait();
     const int bt = blockIdx.x, t = bt % T, b = bt / T, y = blockIdx.y;
     const __half* cs = cos_t + (int64_t)t * D;
     const __half* sn = sin_t + (int64_t)t * D;
@@ -168,6 +183,7 @@ __global__ void rope_cache_kernel(__half* q, const __half* __restrict__ k, const
 __global__ void silu_mul_kernel(const __half2* __restrict__ g, const __half2* __restrict__ u,
                                 __half2* __restrict__ out, int64_t n2) {
     grid_dependents_launch();
+    grid_dependency_wait();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n2; i += (int64_t)gridDim.x * blockDim.x) {
         const __half2 gi = g[i], ui = u[i];
         out[i] = __halves2half2(silu_mul_h(__low2half(gi), __low2half(ui)), silu_mul_h(__high2half(gi), __high2half(ui)));
@@ -207,6 +223,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_kernel(
     float* wpart = att_smem;                           // [ATT_WARPS][GB][2 + D]
     float* part = wpart + ATT_WARPS * GB * (2 + D);    // [GB][2 + D]
     grid_dependents_launch();
+    grid_dependency_wait();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, c = lane % LPK, grp = lane / LPK;
     const int h0 = blockIdx.x * GB, b = h0 / H, kvh = (h0 % H) / (H / Hkv);
     const int s = blockIdx.y, S = gridDim.y;
@@ -367,7 +384,7 @@ void launch_decode_attention(const __half* q, const __half* kc, const __half* vc
     if (S > 8)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "decode_attention");
     launch_k_split(kern, dim3((unsigned)(B * H / GB), (unsigned)S, 1), ATT_WARPS * 32, smem, st, S,
-                   "decode_attention", false, q, kc, vc, pos, out, (int)H, (int)Hkv, (int)D, L,
+                   "decode_attention", pdl_enabled(), q, kc, vc, pos, out, (int)H, (int)Hkv, (int)D, L,
                    (float)(1.4426950408889634 / std::sqrt((double)D)));
 }
 
@@ -397,16 +414,15 @@ void rms_norm(const void* x, const void* residual, const float* w, void* out, vo
     const cudaStream_t st = as_stream(stream);
     const unsigned g = (unsigned)rows;
     if (vec && per <= 1)
-        rms_norm_vec_kernel<1><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+        launch_early(rms_norm_vec_kernel<1>, dim3(g), NORM_THREADS, 0, st, "rms_norm", xh, rh, w, oh, hh, (int)dim, eps);
     else if (vec && per <= 2)
-        rms_norm_vec_kernel<2><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+        launch_early(rms_norm_vec_kernel<2>, dim3(g), NORM_THREADS, 0, st, "rms_norm", xh, rh, w, oh, hh, (int)dim, eps);
     else if (vec && per <= 4)
-        rms_norm_vec_kernel<4><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+        launch_early(rms_norm_vec_kernel<4>, dim3(g), NORM_THREADS, 0, st, "rms_norm", xh, rh, w, oh, hh, (int)dim, eps);
     else if (vec && per <= 8)
-        rms_norm_vec_kernel<8><<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
+        launch_early(rms_norm_vec_kernel<8>, dim3(g), NORM_THREADS, 0, st, "rms_norm", xh, rh, w, oh, hh, (int)dim, eps);
     else
-        rms_norm_kernel<<<g, NORM_THREADS, 0, st>>>(xh, rh, w, oh, hh, (int)dim, eps);
-    check_launch("rms_norm");
+        launch_early(rms_norm_kernel, dim3(g), NORM_THREADS, 0, st, "rms_norm", xh, rh, w, oh, hh, (int)dim, eps);
 }
 
 void rope_cache(void* q, const void* k, const void* v, const void* cos_t, const void* sin_t, void* k_cache,
@@ -414,11 +430,10 @@ void rope_cache(void* q, const void* k, const void* v, const void* cos_t, const 
                 int64_t D, int64_t max_len, uintptr_t stream) {
     if (B * T <= 0) return;
     const int threads = (int)std::min<int64_t>(128, cdiv(D, 32) * 32);  // D <= 4 * threads (checked by the caller)
-    rope_cache_kernel<<<dim3((unsigned)(B * T), (unsigned)(H + 2 * Hkv)), threads, 0, as_stream(stream)>>>(
-        static_cast<__half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v),
-        static_cast<const __half*>(cos_t), static_cast<const __half*>(sin_t), static_cast<__half*>(k_cache),
-        static_cast<__half*>(v_cache), pos, start, (int)T, (int)H, (int)Hkv, (int)D, max_len);
-    check_launch("rope_cache");
+    launch_early(rope_cache_kernel, dim3((unsigned)(B * T), (unsigned)(H + 2 * Hkv)), threads, 0, as_stream(stream),
+                 "rope_cache", static_cast<__half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v),
+                 static_cast<const __half*>(cos_t), static_cast<const __half*>(sin_t), static_cast<__half*>(k_cache),
+                 static_cast<__half*>(v_cache), pos, start, (int)T, (int)H, (int)Hkv, (int)D, max_len);
 }
 
 void decode_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* out,
@@ -448,9 +463,8 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, c
 void silu_mul(const void* g, const void* u, void* out, int64_t n, uintptr_t stream) {
     if (n <= 0) return;
     const int64_t n2 = n / 2;  // n even (checked by the caller)
-    silu_mul_kernel<<<grid_for(n2, 256, 4096), 256, 0, as_stream(stream)>>>(
-        static_cast<const __half2*>(g), static_cast<const __half2*>(u), static_cast<__half2*>(out), n2);
-    check_launch("silu_mul");
+    launch_early(silu_mul_kernel, dim3(grid_for(n2, 256, 4096)), 256, 0, as_stream(stream), "silu_mul",
+                 static_cast<const __half2*>(g), static_cast<const __half2*>(u), static_cast<__half2*>(out), n2);
 }
 
 }  // namespace exl2cuda

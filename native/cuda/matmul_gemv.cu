@@ -504,9 +504,7 @@ void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
     if (smem > 48 * 1024)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), "exl2_matmul");
     if (a.ks > 8) check(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "exl2_matmul");
-    // Early launch unless EXL2BUILD_NO_PDL is set (for A/B timings, benchmarks/decode_ops.py).
-    static const bool early = std::getenv("EXL2BUILD_NO_PDL") == nullptr;
-    launch_k_split(kern, dim3(gx, (unsigned)a.ks, 1), W * 32, smem, st, a.ks, "exl2_matmul", early, a);
+    launch_k_split(kern, dim3(gx, (unsigned)a.ks, 1), W * 32, smem, st, a.ks, "exl2_matmul", pdl_enabled(), a);
 }
 
 }  // namespace
