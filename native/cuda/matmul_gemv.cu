@@ -379,18 +379,19 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
             issue_unit(stages_s + 4u * (unsigned)(s * stage_words), um, lc, 4u * sc_off, um_last(um) || w0 + s + 1 == w1);
         cp_async_commit();
     }
-    grid_dependency_wait();
-    store_x(0);
-    for (int base = CH * nthr; base < total; base += CH * nthr) {
-        load_src(base);
-        store_x(base);
-    }
-    // Each warp's last unit ends its group here: its sums are scaled and its scales staged.
+    // The block's unit_meta into shared memory (constants too, so before the wait). Each warp's last
+    // unit ends its group here: its sums are scaled and its scales staged.
     for (int i = threadIdx.x; i < nu; i += nthr) {
         int4 m = __ldg(umeta + ub + i);
         for (int k = 1; k <= a.kw; ++k)
             if (i == ((nu * k) >> lkw) - 1) m.z |= 1 << 16;
         ums[i] = m;
+    }
+    grid_dependency_wait();
+    store_x(0);
+    for (int base = CH * nthr; base < total; base += CH * nthr) {
+        load_src(base);
+        store_x(base);
     }
     __syncthreads();
     // The codes enter the mma as 1024 + F * q (one LOP3 per two weights, no subtraction), so each
