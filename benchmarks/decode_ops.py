@@ -124,9 +124,11 @@ def graph_step_seconds(model, cache, start: int, steps: int = 50) -> float:
 
 
 def graph_timeline(model, cache, start: int, layers: int, steps: int = 3) -> None:
-    """Where a replayed graph step's time goes: per kernel name, its mean GPU time and the mean gap
-    from the previous kernel's end to its start (negative: it started before the previous one ended,
-    as a programmatic dependent launch may), from the profiler's trace of `steps` replays."""
+    """Where a replayed graph step's time goes, from the profiler's trace of `steps` replays: per
+    kernel name and per slot of a layer, the mean GPU time, the mean gap from the previous kernel's
+    end to its start (negative: it started before the previous one ended, as an early launch does;
+    its time then includes waiting for that kernel), and the mean time it adds to the step (from the
+    previous kernel's end to its own), which sums to the step's span."""
     from exl2build.model.generate import GraphDecoder
 
     cache.length = start
@@ -139,49 +141,57 @@ def graph_timeline(model, cache, start: int, layers: int, steps: int = 3) -> Non
         for _ in range(steps):
             dec.step(ids)
         torch.cuda.synchronize()
-    ks = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                key=lambda e: e.time_range.start)
+    ks = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e[1])
+    print("\n".join(timeline_tables(ks, steps, layers)))
+
+
+def timeline_tables(ks: list[tuple[str, float, float]], steps: int, layers: int) -> list[str]:
+    """graph_timeline's tables from (kernel name, start us, end us) of `steps` replays, by start."""
     if len(ks) < 2:
-        print(f"timeline: the profiler saw {len(ks)} kernels in {steps} graph replays (no graph-node tracing here)")
-        return
+        return [f"timeline: the profiler saw {len(ks)} kernels in {steps} graph replays (no graph-node tracing here)"]
     rows: dict[str, list] = {}
     prev_end = None
-    for e in ks:
-        r = rows.setdefault(e.name, [0, 0.0, 0.0])
+    for name, t0, t1 in ks:
+        r = rows.setdefault(name, [0, 0.0, 0.0, 0.0])
         r[0] += 1
-        r[1] += e.time_range.end - e.time_range.start
+        r[1] += t1 - t0
         if prev_end is not None:
-            r[2] += e.time_range.start - prev_end
-        prev_end = max(prev_end or 0, e.time_range.end)
-    span = (ks[-1].time_range.end - ks[0].time_range.start) / steps
-    busy = sum(r[1] for r in rows.values()) / steps
-    print(f"timeline of {steps} graph replays: {len(ks) // steps} kernels per step, span {span:.0f} us per step, "
-          f"kernels {busy:.0f} us (sums of durations; overlaps counted twice), gaps {span - busy:.0f} us")
-    print(f"  {'us/step':>8} {'calls':>5} {'us/call':>8} {'gap us':>7}  kernel")
-    for name, (n, t, g) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
-        print(f"  {t / steps:8.1f} {n // steps:5d} {t / n:8.2f} {g / n:7.2f}  {name[:100]}")
-    # One layer's kernels in order (the same linear kernel serves several shapes): the layer is the
-    # run of kernels between two launches of a kernel that runs once per layer.
-    per_step = len(ks) // steps
-    names = [e.name for e in ks[:per_step]]
+            r[2] += t0 - prev_end
+            r[3] += t1 - prev_end
+        prev_end = t1 if prev_end is None else max(prev_end, t1)
+    span = (ks[-1][2] - ks[0][1]) / steps
+    out = [f"timeline of {steps} graph replays: {len(ks) // steps} kernels per step, span {span:.0f} us per step "
+           "(with the host's gaps between replays, in the first kernel's 'adds')",
+           f"  {'us/step':>8} {'calls':>5} {'us/call':>8} {'gap us':>7} {'adds us':>7}  kernel"]
+    for name, (n, t, g, d) in sorted(rows.items(), key=lambda kv: -kv[1][3]):
+        out.append(f"  {t / steps:8.1f} {n // steps:5d} {t / n:8.2f} {g / n:7.2f} {d / n:7.2f}  {name[:100]}")
+    # One layer's kernels in order (the same linear kernel serves several shapes): the run of
+    # kernels from one launch of a kernel that runs once per layer to the next; only runs with the
+    # first run's kernels count (the last layer's run ends in the head).
+    names = [k[0] for k in ks[:len(ks) // steps]]
     once = [n for n in dict.fromkeys(names) if names.count(n) == layers]
-    if not once:
-        return
-    at = [i for i, n in enumerate(ks) if n.name == once[0]]
+    if not once or layers < 2:
+        return out
+    at = [i for i, k in enumerate(ks) if k[0] == once[0]]
     period = at[1] - at[0]
-    slots = [[0, 0.0, 0.0, ks[at[0] + j].name] for j in range(period)]
+    pattern = [k[0] for k in ks[at[0]:at[0] + period]]
+    slots = [[0, 0.0, 0.0, 0.0] for _ in range(period)]
     for a in at:
-        if a + period > len(ks) or a == 0:
+        if a == 0 or a + period > len(ks) or [k[0] for k in ks[a:a + period]] != pattern:
             continue
         for j in range(period):
-            e, p = ks[a + j], ks[a + j - 1]
+            (_, t0, t1), prev = ks[a + j], ks[a + j - 1]
             slots[j][0] += 1
-            slots[j][1] += e.time_range.end - e.time_range.start
-            slots[j][2] += e.time_range.start - p.time_range.end
-    print(f"one layer ({period} kernels, from {once[0][:60]}):")
-    for n, t, g, name in slots:
-        print(f"  {t / n:8.2f} us  gap {g / n:6.2f} us  {name[:100]}")
-    print(f"  {sum(s[1] / s[0] for s in slots):8.2f} us in kernels, {sum(s[2] / s[0] for s in slots):6.2f} us in gaps per layer")
+            slots[j][1] += t1 - t0
+            slots[j][2] += t0 - prev[2]
+            slots[j][3] += t1 - prev[2]
+    out.append(f"one layer ({period} kernels, from {once[0][:60]}; {slots[0][0]} runs):")
+    for (n, t, g, d), name in zip(slots, pattern):
+        out.append(f"  {t / n:8.2f} us  gap {g / n:6.2f} us  adds {d / n:6.2f} us  {name[:100]}")
+    out.append(f"  {sum(s[1] / s[0] for s in slots):8.2f} us in kernels, {sum(s[2] / s[0] for s in slots):6.2f} us in "
+               f"gaps, {sum(s[3] / s[0] for s in slots):6.2f} us per layer")
+    return out
 
 
 def leaf_ops(prof) -> Counter:
