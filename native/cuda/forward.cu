@@ -413,16 +413,13 @@ void rms_norm(const void* x, const void* residual, const float* w, void* out, vo
     const int per = (int)cdiv(dim / 8, NORM_THREADS);  // chunks of 8 per thread
     const cudaStream_t st = as_stream(stream);
     const unsigned g = (unsigned)rows;
-    if (vec && per <= 1)
-        launch_early(rms_norm_vec_kernel<1>, dim3(g), NORM_THREADS, 0, st, "rms_norm", xh, rh, w, oh, hh, (int)dim, eps);
-    else if (vec && per <= 2)
-        launch_early(rms_norm_vec_kernel<2>, dim3(g), NORM_THREADS, 0, st, "rms_norm", xh, rh, w, oh, hh, (int)dim, eps);
-    else if (vec && per <= 4)
-        launch_early(rms_norm_vec_kernel<4>, dim3(g), NORM_THREADS, 0, st, "rms_norm", xh, rh, w, oh, hh, (int)dim, eps);
-    else if (vec && per <= 8)
-        launch_early(rms_norm_vec_kernel<8>, dim3(g), NORM_THREADS, 0, st, "rms_norm", xh, rh, w, oh, hh, (int)dim, eps);
-    else
-        launch_early(rms_norm_kernel, dim3(g), NORM_THREADS, 0, st, "rms_norm", xh, rh, w, oh, hh, (int)dim, eps);
+    auto kern = !vec     ? rms_norm_kernel
+                : per <= 1 ? rms_norm_vec_kernel<1>
+                : per <= 2 ? rms_norm_vec_kernel<2>
+                : per <= 4 ? rms_norm_vec_kernel<4>
+                : per <= 8 ? rms_norm_vec_kernel<8>
+                           : rms_norm_kernel;
+    launch_early(kern, dim3(g), NORM_THREADS, 0, st, "rms_norm", xh, rh, w, oh, hh, (int)dim, eps);
 }
 
 void rope_cache(void* q, const void* k, const void* v, const void* cos_t, const void* sin_t, void* k_cache,
