@@ -50,7 +50,7 @@ for tr in "${trees[@]}"; do
     [ -n "${envs[$k]}" ] && echo "$label = ${tr%%:*} with ${envs[$k]}"
   done
 done
-: > "$OUT/ab_decode.log"
+echo "card: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" | tee "$OUT/ab_decode.log"
 for r in $(seq "${ROUNDS:-2}"); do
   for preset in "${presets[@]}"; do
     for run in "${runs[@]}"; do
