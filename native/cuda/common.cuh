@@ -189,6 +189,8 @@ void launch_k_split(void (*kern)(Params...), dim3 grid, int threads, size_t smem
     check_launch(what);
 }
 
+int device_cc_major();  // of the current device (matmul.cu)
+
 // kern<<<grid, threads, smem, st>>>(args...) as a programmatic dependent launch: a kernel that calls
 // grid_dependency_wait() before it reads the previous kernel's output or writes anything.
 // Early launches are off where EXL2BUILD_NO_PDL is set (for A/B timings, benchmarks/decode_ops.py).
@@ -196,10 +198,12 @@ inline bool pdl_enabled() {
     static const bool on = std::getenv("EXL2BUILD_NO_PDL") == nullptr;
     return on;
 }
+// The forward pass's small kernels also run before sm_90, where the launch attribute does not exist
+// (the kernels' griddepcontrol instructions compile to nothing there).
 template <class... Params, class... Args>
 void launch_early(void (*kern)(Params...), dim3 grid, int threads, size_t smem, cudaStream_t st, const char* what,
                   Args... args) {
-    launch_k_split(kern, grid, threads, smem, st, 1, what, pdl_enabled(), args...);
+    launch_k_split(kern, grid, threads, smem, st, 1, what, pdl_enabled() && device_cc_major() >= 9, args...);
 }
 
 // f16(f16(silu(g)) * u), as torch's silu (f32, rounded to f16) then an f16 multiply: the SwiGLU
