@@ -191,19 +191,21 @@ void launch_k_split(void (*kern)(Params...), dim3 grid, int threads, size_t smem
 
 int device_cc_major();  // of the current device (matmul.cu)
 
-// kern<<<grid, threads, smem, st>>>(args...) as a programmatic dependent launch: a kernel that calls
-// grid_dependency_wait() before it reads the previous kernel's output or writes anything.
-// Early launches are off where EXL2BUILD_NO_PDL is set (for A/B timings, benchmarks/decode_ops.py).
+// Whether a launch on the current device may be a programmatic dependent launch: sm_90 and up (the
+// forward pass's small kernels also run on older GPUs, which have no such launch attribute; their
+// griddepcontrol instructions compile to nothing there), unless EXL2BUILD_NO_PDL is set (for A/B
+// timings, benchmarks/decode_ops.py).
 inline bool pdl_enabled() {
     static const bool on = std::getenv("EXL2BUILD_NO_PDL") == nullptr;
-    return on;
+    return on && device_cc_major() >= 9;
 }
-// The forward pass's small kernels also run before sm_90, where the launch attribute does not exist
-// (the kernels' griddepcontrol instructions compile to nothing there).
+// kern<<<grid, threads, smem, st>>>(args...) as a programmatic dependent launch where pdl_enabled():
+// a kernel that calls grid_dependency_wait() before it reads the previous kernel's output or writes
+// anything.
 template <class... Params, class... Args>
 void launch_early(void (*kern)(Params...), dim3 grid, int threads, size_t smem, cudaStream_t st, const char* what,
                   Args... args) {
-    launch_k_split(kern, grid, threads, smem, st, 1, what, pdl_enabled() && device_cc_major() >= 9, args...);
+    launch_k_split(kern, grid, threads, smem, st, 1, what, pdl_enabled(), args...);
 }
 
 // f16(f16(silu(g)) * u), as torch's silu (f32, rounded to f16) then an f16 multiply: the SwiGLU

@@ -384,7 +384,7 @@ void launch_decode_attention(const __half* q, const __half* kc, const __half* vc
     if (S > 8)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "decode_attention");
     launch_k_split(kern, dim3((unsigned)(B * H / GB), (unsigned)S, 1), ATT_WARPS * 32, smem, st, S,
-                   "decode_attention", pdl_enabled() && device_cc_major() >= 9, q, kc, vc, pos, out, (int)H, (int)Hkv, (int)D, L,
+                   "decode_attention", pdl_enabled(), q, kc, vc, pos, out, (int)H, (int)Hkv, (int)D, L,
                    (float)(1.4426950408889634 / std::sqrt((double)D)));
 }
 
