@@ -440,10 +440,12 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, c
     const int64_t G = H / Hkv;
     const int GB = G % 4 == 0 ? 4 : G % 2 == 0 ? 2 : 1;
     // Slices: about 4 blocks per SM over the blocks of all heads, a power of two up to 16 (the
-    // cluster; 1 before sm_90). A slice without keys costs its block a cluster barrier only.
+    // cluster; 1 before sm_90), and no more than leave each slice 64 keys of a full cache. S follows
+    // the allocated length L (one captured graph serves every position); a speed run's short cache
+    // (prompt + new tokens) split 16 ways gave each block a few keys for a 16-block cluster's barrier.
     int S = 1;
     if (device_cc_major() >= 9) {
-        S = (int)std::min<int64_t>(16, std::max<int64_t>(1, cdiv(4LL * sms, B * H / GB)));
+        S = (int)std::min<int64_t>({16, std::max<int64_t>(1, cdiv(4LL * sms, B * H / GB)), std::max<int64_t>(1, L / 64)});
         while (S & (S - 1)) S &= S - 1;
     }
     const auto* qh = static_cast<const __half*>(q);
