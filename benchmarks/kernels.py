@@ -477,7 +477,8 @@ def sanitize_pass():
     kernels.logit_stats(logits, t, lp.indices.int().contiguous(), lp.values.contiguous())
     kernels.logit_stats(logits.float(), t)
     # The forward pass's fused kernels: norms (rows of 576 and 4096, with and without a residual),
-    # RoPE + cache writes, SiLU*up, and decode attention (GQA; one and several key batches per block).
+    # RoPE + cache writes, SiLU*up, and decode attention (GQA; one and several key batches per block;
+    # with and without RoPE in its launch).
     for dim in (576, 4096):
         h = torch.randn(3, dim, device="cuda").half()
         wf = torch.rand(dim, device="cuda")
@@ -490,7 +491,11 @@ def sanitize_pass():
     kernels.rope_cache(q, k, v, cos, sin, kc, vc, 5)
     kernels.silu_mul(k, v)
     for pos in (0, 37, L - 1):
-        kernels.decode_attention(q[:, :1].contiguous(), kc, vc, torch.tensor([pos], device="cuda"))
+        p = torch.tensor([pos], device="cuda")
+        kernels.decode_attention(q[:, :1].contiguous(), kc, vc, p)
+        # with RoPE and the cache stores in the same launch
+        kernels.decode_attention(q[:, :1].contiguous(), kc, vc, p,
+                                 new=(k[:, :1].contiguous(), v[:, :1].contiguous(), cos[:1], sin[:1]))
     torch.cuda.synchronize()
     print("sanitize pass done")
 

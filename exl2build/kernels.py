@@ -585,11 +585,22 @@ def decode_attention_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
         D <= DECODE_ATTENTION_MAX_HEAD_DIM
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def decode_attention_rope_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention` can also do rope_cache's work for the token (`new`)."""
+    return decode_attention_applies(q, k_cache) and k_cache.shape[-1] % 16 == 0
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     new: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for one query token per sequence over keys 0..pos[0] of the cache.
 
     q [B, 1, H*D] (the rows of that token, roped), caches [B, Hkv, max_len, D], pos a device
     LongTensor [1] (the token's position, already stored); returns [B, 1, H*D] f16.
+
+    new = (k, v, cos, sin): the same launch also does `rope_cache`'s work for the token (one kernel
+    fewer per layer in a decode step): q is unroped (and left so), RoPE(k) and v [B, 1, Hkv*D]
+    are stored into the caches at pos[0], cos / sin [1, D] are the position's rows. Needs a
+    head_dim multiple of 16 (`decode_attention_rope_applies`).
     """
     _check_f16_cuda("q", q)
     dev = q.device
@@ -605,10 +616,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"decode_attention: {H} query heads are not a multiple of {Hkv} kv heads")
     _check_f16_cuda("v_cache", v_cache, shape=k_cache.shape, device=dev)
     _check("pos", pos, torch.int64, shape=(1,), device=dev)
+    ptrs = [0, 0, 0, 0]
+    if new is not None:
+        if D % 16:
+            raise ValueError(f"decode_attention: RoPE in the same launch needs a head_dim multiple of 16, got {D} "
+                             "(run rope_cache first and call without `new`)")
+        k, v, cos, sin = new
+        _check_f16_cuda("k", k, shape=(B, 1, Hkv * D), device=dev)
+        _check_f16_cuda("v", v, shape=(B, 1, Hkv * D), device=dev)
+        _check_f16_cuda("cos", cos, shape=(1, D), device=dev)
+        _check_f16_cuda("sin", sin, shape=(1, D), device=dev)
+        ptrs = [k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr()]
     out = torch.empty_like(q)
     if B:
         _call("decode_attention", dev, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr(),
-              out.data_ptr(), B, H, Hkv, D, L)
+              out.data_ptr(), B, H, Hkv, D, L, *ptrs)
     return out
 
 

@@ -81,6 +81,34 @@ def test_decode_attention_matches_sdpa(B, H, Hkv, D, L, pos):
     assert torch.equal(kernels.decode_attention(q, kc, vc, p), out)
 
 
+@pytest.mark.parametrize("B,H,Hkv,D,L,pos", [
+    (1, 32, 32, 128, 272, 0), (1, 32, 32, 128, 272, 17), (1, 32, 32, 128, 272, 271),
+    (2, 9, 3, 64, 64, 40),  # GQA, SmolLM2's heads: three blocks per kv head, one stores
+    (1, 8, 2, 128, 4096, 3000),
+    (1, 4, 2, 128, 100, 99),
+    (2, 8, 2, 64, 300, 150),
+    (3, 4, 4, 32, 20, 19),
+])
+def test_decode_attention_with_rope_is_rope_cache_then_attention(B, H, Hkv, D, L, pos):
+    """RoPE and the cache stores in the attention's launch: bit for bit rope_cache, then decode_attention."""
+    q, k, v = rand(B, 1, H * D, seed=21), rand(B, 1, Hkv * D, seed=22), rand(B, 1, Hkv * D, seed=23)
+    ang = torch.rand(1, D // 2, device=DEV) * 6.28
+    cos = torch.cat((ang, ang), -1).cos().half()
+    sin = torch.cat((-ang, ang), -1).sin().half()
+    caches = [rand(B, Hkv, L, D, seed=24 + i) for i in range(2)]
+    p = torch.tensor([pos], device=DEV)
+    q1, kc1, vc1 = q.clone(), caches[0].clone(), caches[1].clone()
+    kernels.rope_cache(q1, k, v, cos, sin, kc1, vc1, p)
+    ref = kernels.decode_attention(q1, kc1, vc1, p)
+    q2, kc2, vc2 = q.clone(), caches[0].clone(), caches[1].clone()
+    kc2[:, :, pos] = float("nan")  # the new position must be stored, not read
+    vc2[:, :, pos] = float("nan")
+    out = kernels.decode_attention(q2, kc2, vc2, p, new=(k, v, cos, sin))
+    assert torch.equal(out, ref)
+    assert torch.equal(kc2, kc1) and torch.equal(vc2, vc1)
+    assert torch.equal(q2, q)  # q stays unroped
+
+
 def test_forward_ops_reject_what_they_cannot_run():
     with pytest.raises(ValueError, match="CUDA only"):
         kernels.silu_mul(torch.zeros(4, dtype=torch.float16), torch.zeros(4, dtype=torch.float16))
@@ -95,6 +123,11 @@ def test_forward_ops_reject_what_they_cannot_run():
     with pytest.raises(ValueError, match="head_dim multiple of 8 up to 128"):
         kernels.decode_attention(torch.zeros(1, 1, 256, dtype=torch.float16, device=DEV), big, big,
                                  torch.zeros(1, dtype=torch.long, device=DEV))
+    c24 = torch.zeros(1, 1, 4, 24, dtype=torch.float16, device=DEV)
+    q24, cs24 = torch.zeros(1, 1, 24, dtype=torch.float16, device=DEV), torch.zeros(1, 24, dtype=torch.float16, device=DEV)
+    with pytest.raises(ValueError, match="multiple of 16, got 24"):
+        kernels.decode_attention(q24, c24, c24.clone(), torch.zeros(1, dtype=torch.long, device=DEV),
+                                 new=(q24, q24, cs24, cs24))
 
 
 @pytest.fixture(scope="module")

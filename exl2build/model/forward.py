@@ -265,6 +265,13 @@ class Attention(nn.Module):
             # `pos` is an int start position or a LongTensor [T] of absolute positions.
             cos, sin = self.rotary.cos_sin(cache.length if cache is not None else pos, T, x.dtype)
         past = cache.length if cache is not None and not static else 0
+        if static and T == 1 and DECODE_ATTENTION and _ops(x) is kernels and \
+                kernels.decode_attention_rope_applies(q, cache.k[self.layer_idx]):
+            # One kernel for RoPE, the cache stores and the attention over the keys stored so far
+            # (CUDA-graph decode).
+            o = kernels.decode_attention(q, cache.k[self.layer_idx], cache.v[self.layer_idx], cache.pos_t,
+                                         new=(k, v, cos, sin))
+            return self.o_proj(o)
         if cache is not None and _ops(x) is kernels:
             # One kernel: RoPE of q in place, RoPE(k) and v into the cache.
             if not static:

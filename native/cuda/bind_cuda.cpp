@@ -167,11 +167,13 @@ void register_cuda(py::module_& m) {
                              ptr<const void>(sin_t), ptr<void>(k_cache), ptr<void>(v_cache), ptr<const int64_t>(pos),
                              start, B, T, H, Hkv, D, max_len, stream);
     }, nogil);
+    // k_new, v_new, cos_t, sin_t: 0, or the new token's (RoPE and the cache stores in the same launch).
     m.def("decode_attention", [](P q, P k_cache, P v_cache, P pos, P out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                                 int64_t L, P stream) {
+                                 int64_t L, P k_new, P v_new, P cos_t, P sin_t, P stream) {
         exl2cuda::decode_attention(ptr<const void>(q), ptr<const void>(k_cache), ptr<const void>(v_cache),
                                    ptr<const int64_t>(pos), ptr<void>(out), B, H, Hkv, D, L,
-                                   exl2cuda::device_sm_count(), stream);
+                                   exl2cuda::device_sm_count(), stream, ptr<const void>(k_new),
+                                   ptr<const void>(v_new), ptr<const void>(cos_t), ptr<const void>(sin_t));
     }, nogil);
     m.def("silu_mul", [](P g, P u, P out, int64_t n, P stream) {
         exl2cuda::silu_mul(ptr<const void>(g), ptr<const void>(u), ptr<void>(out), n, stream);

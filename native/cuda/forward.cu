@@ -140,11 +140,30 @@ __global__ void __launch_bounds__(NORM_THREADS) rms_norm_vec_kernel(const __half
     }
 }
 
-// rotate-half RoPE of element i of a head: f16(f16(x[i] * cos[i]) + x[(i + D/2) % D] * sin[i]).
+// rotate-half RoPE of one element: f16(f16(x * cos) + partner * sin), partner = x[(i + D/2) % D]
+// (sin with its first half negated). One function for rope_cache and the fused decode attention,
+// so both round alike.
+__device__ __forceinline__ __half rope_one(__half x, __half partner, __half c, __half s) {
+    const float xc = __half2float(__float2half_rn(__half2float(x) * __half2float(c)));
+    return __float2half_rn(xc + __half2float(partner) * __half2float(s));
+}
+
 __device__ __forceinline__ __half rope_at(const __half* head, const __half* cs, const __half* sn, int i, int D) {
-    const int j = i < D / 2 ? i + D / 2 : i - D / 2;
-    const float xc = __half2float(__float2half_rn(__half2float(head[i]) * __half2float(cs[i])));
-    return __float2half_rn(xc + __half2float(head[j]) * __half2float(sn[i]));
+    return rope_one(head[i], head[i < D / 2 ? i + D / 2 : i - D / 2], cs[i], sn[i]);
+}
+
+// Dims 8c .. 8c + 7 of a head (16 bytes at `at`, the rotation partners at `partner`), roped with the
+// same dims of the position's cos / sin rows.
+__device__ __forceinline__ uint4 rope8(const __half* at, const __half* partner, const __half* cs, const __half* sn) {
+    const uint4 x = *reinterpret_cast<const uint4*>(at), y = *reinterpret_cast<const uint4*>(partner);
+    const uint4 c = *reinterpret_cast<const uint4*>(cs), s = *reinterpret_cast<const uint4*>(sn);
+    const __half *hx = reinterpret_cast<const __half*>(&x), *hy = reinterpret_cast<const __half*>(&y);
+    const __half *hc = reinterpret_cast<const __half*>(&c), *hs = reinterpret_cast<const __half*>(&s);
+    uint4 r;
+    __half* hr = reinterpret_cast<__half*>(&r);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) hr[e] = rope_one(hx[e], hy[e], hc[e], hs[e]);
+    return r;
 }
 
 // Grid (B * T, H + 2 * Hkv): one block per token and head; y < H: a query head (in place),
@@ -213,10 +232,23 @@ __device__ __forceinline__ void att_merge(float& m, float& l, float (&acc)[8], f
     m = M;
 }
 
-template <int LPK, int GB>
+// The new token's inputs when the kernel also does rope_cache's work (ROPE): q and k unroped, their
+// cos / sin rows, and the caches to store RoPE(k) and v into at position pos[0]. The stores go
+// through these pointers; the keys are read through the kernel's const ones, never at pos[0].
+struct AttNew {
+    const __half* k;  // [B, Hkv * D]
+    const __half* v;
+    const __half* cos;  // [D]
+    const __half* sin;
+    __half* k_cache;
+    __half* v_cache;
+};
+
+template <int LPK, int GB, bool ROPE>
 __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_kernel(
     const __half* __restrict__ q, const __half* __restrict__ k_cache, const __half* __restrict__ v_cache,
-    const int64_t* __restrict__ pos, __half* __restrict__ out, int H, int Hkv, int D, int64_t L, float qscale) {
+    const int64_t* __restrict__ pos, __half* __restrict__ out, int H, int Hkv, int D, int64_t L, float qscale,
+    const AttNew nw) {
     constexpr int KPW = 32 / LPK, NG = ATT_WARPS * KPW;  // lane groups per warp and per block
     // Shared: per warp and head (m, l, acc[D]); then the block's merged part, read by the cluster.
     extern __shared__ __align__(16) float att_smem[];
@@ -231,11 +263,15 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_kernel(
     const __half* kh = k_cache + ((int64_t)b * Hkv + kvh) * L * D + 8 * c;
     const __half* vh = v_cache + ((int64_t)b * Hkv + kvh) * L * D + 8 * c;
 
+    // ROPE: a lane's dims 8c .. 8c + 7 rotate with dims 8c +- D/2 (D % 16 == 0, checked by the caller).
+    const int cp = 8 * c < D / 2 ? 8 * c + D / 2 : 8 * c - D / 2;
     float qf[GB][8];  // q * scale * log2(e): the scores come out in base 2
 #pragma unroll
     for (int g = 0; g < GB; ++g) {
         uint4 w = make_uint4(0u, 0u, 0u, 0u);
-        if (dims) w = *reinterpret_cast<const uint4*>(q + (int64_t)(h0 + g) * D + 8 * c);
+        const __half* qg = q + (int64_t)(h0 + g) * D;
+        if (dims) w = ROPE ? rope8(qg + 8 * c, qg + cp, nw.cos + 8 * c, nw.sin + 8 * c)
+                           : *reinterpret_cast<const uint4*>(qg + 8 * c);
         const __half2* hw = reinterpret_cast<const __half2*>(&w);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -244,8 +280,21 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_kernel(
             qf[g][2 * e + 1] = f.y * qscale;
         }
     }
-    const int64_t n = pos[0] + 1, chunk = (n + S - 1) / S;
+    const int64_t p = pos[0], n = p + 1, chunk = (n + S - 1) / S;
     const int64_t k0 = s * chunk, k1 = k0 + chunk < n ? k0 + chunk : n;
+    // ROPE: the new key and value (position p) come from registers, and the first block of each kv
+    // head stores them into the caches, which no block of this launch reads at p.
+    uint4 k_new = make_uint4(0u, 0u, 0u, 0u), v_new = make_uint4(0u, 0u, 0u, 0u);
+    if (ROPE && dims) {
+        const __half* kn = nw.k + ((int64_t)b * Hkv + kvh) * D;
+        k_new = rope8(kn + 8 * c, kn + cp, nw.cos + 8 * c, nw.sin + 8 * c);
+        v_new = *reinterpret_cast<const uint4*>(nw.v + ((int64_t)b * Hkv + kvh) * D + 8 * c);
+        if (s == 0 && (h0 % H) % (H / Hkv) == 0 && warp == 0 && grp == 0) {
+            const int64_t at = (((int64_t)b * Hkv + kvh) * L + p) * D + 8 * c;
+            *reinterpret_cast<uint4*>(nw.k_cache + at) = k_new;
+            *reinterpret_cast<uint4*>(nw.v_cache + at) = v_new;
+        }
+    }
 
     float m[GB], l[GB], acc[GB][8];
 #pragma unroll
@@ -262,9 +311,13 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_kernel(
 #pragma unroll
         for (int u = 0; u < ATT_UNROLL; ++u) {
             const int64_t j = base + (int64_t)u * NG;
-            const bool ok = dims && j < k1;
+            const bool ok = dims && j < k1 && !(ROPE && j == p);
             kr[u] = ok ? *reinterpret_cast<const uint4*>(kh + j * D) : make_uint4(0u, 0u, 0u, 0u);
             vr[u] = ok ? *reinterpret_cast<const uint4*>(vh + j * D) : make_uint4(0u, 0u, 0u, 0u);
+            if (ROPE && j == p) {
+                kr[u] = k_new;
+                vr[u] = v_new;
+            }
         }
         float sc[GB][ATT_UNROLL];
 #pragma unroll
@@ -376,27 +429,29 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_kernel(
 #endif
 }
 
-template <int LPK, int GB>
+template <int LPK, int GB, bool ROPE>
 void launch_decode_attention(const __half* q, const __half* kc, const __half* vc, const int64_t* pos, __half* out,
-                             int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int S, cudaStream_t st) {
-    auto kern = decode_attention_kernel<LPK, GB>;
+                             int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int S, const AttNew& nw,
+                             cudaStream_t st) {
+    auto kern = decode_attention_kernel<LPK, GB, ROPE>;
     const size_t smem = (size_t)(ATT_WARPS + 1) * GB * (2 + D) * sizeof(float);
     if (S > 8)
         check(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "decode_attention");
     launch_k_split(kern, dim3((unsigned)(B * H / GB), (unsigned)S, 1), ATT_WARPS * 32, smem, st, S,
                    "decode_attention", pdl_enabled(), q, kc, vc, pos, out, (int)H, (int)Hkv, (int)D, L,
-                   (float)(1.4426950408889634 / std::sqrt((double)D)));
+                   (float)(1.4426950408889634 / std::sqrt((double)D)), nw);
 }
 
-template <int LPK>
+template <int LPK, bool ROPE>
 void decode_attention_lpk(const __half* q, const __half* kc, const __half* vc, const int64_t* pos, __half* out,
-                          int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int GB, int S, cudaStream_t st) {
+                          int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int GB, int S, const AttNew& nw,
+                          cudaStream_t st) {
     if (GB == 4)
-        launch_decode_attention<LPK, 4>(q, kc, vc, pos, out, B, H, Hkv, D, L, S, st);
+        launch_decode_attention<LPK, 4, ROPE>(q, kc, vc, pos, out, B, H, Hkv, D, L, S, nw, st);
     else if (GB == 2)
-        launch_decode_attention<LPK, 2>(q, kc, vc, pos, out, B, H, Hkv, D, L, S, st);
+        launch_decode_attention<LPK, 2, ROPE>(q, kc, vc, pos, out, B, H, Hkv, D, L, S, nw, st);
     else
-        launch_decode_attention<LPK, 1>(q, kc, vc, pos, out, B, H, Hkv, D, L, S, st);
+        launch_decode_attention<LPK, 1, ROPE>(q, kc, vc, pos, out, B, H, Hkv, D, L, S, nw, st);
 }
 
 }  // namespace
@@ -434,7 +489,8 @@ void rope_cache(void* q, const void* k, const void* v, const void* cos_t, const 
 }
 
 void decode_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* out,
-                      int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int sms, uintptr_t stream) {
+                      int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int sms, uintptr_t stream,
+                      const void* k_new, const void* v_new, const void* cos_t, const void* sin_t) {
     if (B * H <= 0) return;
     // Query heads per block: the most of 4, 2, 1 that divides the heads sharing a kv head.
     const int64_t G = H / Hkv;
@@ -453,10 +509,16 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, c
     const auto* vc = static_cast<const __half*>(v_cache);
     auto* oh = static_cast<__half*>(out);
     const cudaStream_t st = as_stream(stream);
-    if (D <= 64)  // 8 lanes per key row (head_dim <= 64), else 16 (<= 128; checked by the caller)
-        decode_attention_lpk<8>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, st);
+    const AttNew nw{static_cast<const __half*>(k_new), static_cast<const __half*>(v_new),
+                    static_cast<const __half*>(cos_t), static_cast<const __half*>(sin_t),
+                    static_cast<__half*>(const_cast<void*>(k_cache)), static_cast<__half*>(const_cast<void*>(v_cache))};
+    // 8 lanes per key row (head_dim <= 64), else 16 (<= 128; checked by the caller)
+    if (k_new)
+        D <= 64 ? decode_attention_lpk<8, true>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, nw, st)
+                : decode_attention_lpk<16, true>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, nw, st);
     else
-        decode_attention_lpk<16>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, st);
+        D <= 64 ? decode_attention_lpk<8, false>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, nw, st)
+                : decode_attention_lpk<16, false>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, nw, st);
 }
 
 void silu_mul(const void* g, const void* u, void* out, int64_t n, uintptr_t stream) {

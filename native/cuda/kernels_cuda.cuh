@@ -49,8 +49,13 @@ void rope_cache(void* q, const void* k, const void* v, const void* cos_t, const 
 void silu_mul(const void* g, const void* u, void* out, int64_t n, uintptr_t stream);
 // One query token per sequence against the cache: q [B, H, D] -> out [B, H, D], keys 0..pos[0]
 // of k_cache / v_cache [B, Hkv, L, D] (pos: device int64), scale 1 / sqrt(D); D <= 128, D % 8 == 0.
+// With k_new (non-null; D % 16 == 0) it also does rope_cache's work for the token: q is unroped,
+// and RoPE(k_new) and v_new [B, Hkv, D] (cos / sin: the position's rows [D]) are stored into the
+// caches at pos[0] and attended to there.
 void decode_attention(const void* q, const void* k_cache, const void* v_cache, const int64_t* pos, void* out,
-                      int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int sms, uintptr_t stream);
+                      int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t L, int sms, uintptr_t stream,
+                      const void* k_new = nullptr, const void* v_new = nullptr, const void* cos_t = nullptr,
+                      const void* sin_t = nullptr);
 
 // Device facts used by the launchers (and reported by the benchmarks).
 int device_sm_count();
