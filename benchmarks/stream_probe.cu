@@ -244,36 +244,18 @@ int main() {
             // At most 4 blocks per SM, as the kernel's registers allow (padding the shared memory).
             const size_t pad = prop.sharedMemPerMultiprocessor / 4 - 2048;
             auto fit = [&](size_t need) { return std::max(need, pad); };
-            {
-                const size_t smem = fit((size_t)W * 6 * c.bits * ROW);
-                CK(cudaFuncSetAttribute(k_ldgsts<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-                row("ldgsts", 6, time_us([&](int i) { k_ldgsts<6><<<grid, W * 32, smem>>>(buf[i & 1], s, out); }, iters));
-            }
-            {
-                const size_t smem = fit((size_t)W * 12 * c.bits * ROW);
-                CK(cudaFuncSetAttribute(k_ldgsts<12>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-                row("ldgsts", 12, time_us([&](int i) { k_ldgsts<12><<<grid, W * 32, smem>>>(buf[i & 1], s, out); }, iters));
-            }
-            {
-                const size_t smem = fit((size_t)W * 6 * c.bits * ROW);
-                CK(cudaFuncSetAttribute(k_bulk<6, false, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-                row("bulk-row", 6, time_us([&](int i) { k_bulk<6, false, 1><<<grid, W * 32, smem>>>(buf[i & 1], s, out); }, iters));
-            }
-            {
-                const size_t smem = fit((size_t)W * 12 * c.bits * ROW);
-                CK(cudaFuncSetAttribute(k_bulk<12, false, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-                row("bulk-row", 12, time_us([&](int i) { k_bulk<12, false, 1><<<grid, W * 32, smem>>>(buf[i & 1], s, out); }, iters));
-            }
-            {
-                const size_t smem = fit((size_t)W * 6 * c.bits * ROW);
-                CK(cudaFuncSetAttribute(k_bulk<6, true, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-                row("bulk-tile, 1 unit", 6, time_us([&](int i) { k_bulk<6, true, 1><<<grid, W * 32, smem>>>(buf[i & 1], s, out); }, iters));
-            }
-            {
-                const size_t smem = fit((size_t)W * 4 * 4 * c.bits * ROW);
-                CK(cudaFuncSetAttribute(k_bulk<4, true, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-                row("bulk-tile, 4 units", 4, time_us([&](int i) { k_bulk<4, true, 4><<<grid, W * 32, smem>>>(buf[i & 1], s, out); }, iters));
-            }
+            // One way of filling the stages: its kernel, with `units` units per stage and S stages per warp.
+            auto way = [&](const char* name, auto kern, int S, int units) {
+                const size_t smem = fit((size_t)W * S * units * c.bits * ROW);
+                CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+                row(name, S, time_us([&](int i) { kern<<<grid, W * 32, smem>>>(buf[i & 1], s, out); }, iters));
+            };
+            way("ldgsts", k_ldgsts<6>, 6, 1);
+            way("ldgsts", k_ldgsts<12>, 12, 1);
+            way("bulk-row", k_bulk<6, false, 1>, 6, 1);
+            way("bulk-row", k_bulk<12, false, 1>, 12, 1);
+            way("bulk-tile, 1 unit", k_bulk<6, true, 1>, 6, 1);
+            way("bulk-tile, 4 units", k_bulk<4, true, 4>, 4, 4);
         }
     }
     return 0;

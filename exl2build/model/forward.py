@@ -265,10 +265,10 @@ class Attention(nn.Module):
             # `pos` is an int start position or a LongTensor [T] of absolute positions.
             cos, sin = self.rotary.cos_sin(cache.length if cache is not None else pos, T, x.dtype)
         past = cache.length if cache is not None and not static else 0
-        if static and T == 1 and DECODE_ATTENTION and _ops(x) is kernels and \
-                kernels.decode_attention_rope_applies(q, cache.k[self.layer_idx]):
-            # One kernel for RoPE, the cache stores and the attention over the keys stored so far
-            # (CUDA-graph decode).
+        # The CUDA-graph decode step's attention through kernels.decode_attention (where it applies).
+        decode_kernel = static and T == 1 and DECODE_ATTENTION and _ops(x) is kernels
+        if decode_kernel and kernels.decode_attention_rope_applies(q, cache.k[self.layer_idx]):
+            # One kernel for RoPE, the cache stores and the attention over the keys stored so far.
             o = kernels.decode_attention(q, cache.k[self.layer_idx], cache.v[self.layer_idx], cache.pos_t,
                                          new=(k, v, cos, sin))
             return self.o_proj(o)
@@ -292,7 +292,7 @@ class Attention(nn.Module):
             elif cache is not None:
                 k, v = cache.store(self.layer_idx, k, v)
         gqa = H != Hkv
-        if static and T == 1 and DECODE_ATTENTION and _ops(x) is kernels and kernels.decode_attention_applies(x, k):
+        if decode_kernel and kernels.decode_attention_applies(x, k):
             # One kernel over the keys stored so far, split over the sequence (CUDA-graph decode).
             o = kernels.decode_attention(q.transpose(1, 2).reshape(B, 1, H * D), k, v, cache.pos_t)
             return self.o_proj(o)

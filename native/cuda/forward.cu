@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "common.cuh"
 #include "kernels_cuda.cuh"
@@ -260,8 +261,9 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_kernel(
     const int h0 = blockIdx.x * GB, b = h0 / H, kvh = (h0 % H) / (H / Hkv);
     const int s = blockIdx.y, S = gridDim.y;
     const bool dims = 8 * c < D;  // this lane's dims 8c .. 8c + 7
-    const __half* kh = k_cache + ((int64_t)b * Hkv + kvh) * L * D + 8 * c;
-    const __half* vh = v_cache + ((int64_t)b * Hkv + kvh) * L * D + 8 * c;
+    const int64_t kv = (int64_t)b * Hkv + kvh;  // the kv head's row in the caches and in nw.k, nw.v
+    const __half* kh = k_cache + kv * L * D + 8 * c;
+    const __half* vh = v_cache + kv * L * D + 8 * c;
 
     // ROPE: a lane's dims 8c .. 8c + 7 rotate with dims 8c +- D/2 (D % 16 == 0, checked by the caller).
     const int cp = 8 * c < D / 2 ? 8 * c + D / 2 : 8 * c - D / 2;
@@ -286,11 +288,11 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) decode_attention_kernel(
     // head stores them into the caches, which no block of this launch reads at p.
     uint4 k_new = make_uint4(0u, 0u, 0u, 0u), v_new = make_uint4(0u, 0u, 0u, 0u);
     if (ROPE && dims) {
-        const __half* kn = nw.k + ((int64_t)b * Hkv + kvh) * D;
+        const __half* kn = nw.k + kv * D;
         k_new = rope8(kn + 8 * c, kn + cp, nw.cos + 8 * c, nw.sin + 8 * c);
-        v_new = *reinterpret_cast<const uint4*>(nw.v + ((int64_t)b * Hkv + kvh) * D + 8 * c);
+        v_new = *reinterpret_cast<const uint4*>(nw.v + kv * D + 8 * c);
         if (s == 0 && (h0 % H) % (H / Hkv) == 0 && warp == 0 && grp == 0) {
-            const int64_t at = (((int64_t)b * Hkv + kvh) * L + p) * D + 8 * c;
+            const int64_t at = (kv * L + p) * D + 8 * c;
             *reinterpret_cast<uint4*>(nw.k_cache + at) = k_new;
             *reinterpret_cast<uint4*>(nw.v_cache + at) = v_new;
         }
@@ -512,13 +514,17 @@ void decode_attention(const void* q, const void* k_cache, const void* v_cache, c
     const AttNew nw{static_cast<const __half*>(k_new), static_cast<const __half*>(v_new),
                     static_cast<const __half*>(cos_t), static_cast<const __half*>(sin_t),
                     static_cast<__half*>(const_cast<void*>(k_cache)), static_cast<__half*>(const_cast<void*>(v_cache))};
-    // 8 lanes per key row (head_dim <= 64), else 16 (<= 128; checked by the caller)
+    auto launch = [&](auto rope) {  // rope: std::bool_constant, whether the launch does rope_cache's work
+        constexpr bool R = decltype(rope)::value;
+        if (D <= 64)  // 8 lanes per key row (head_dim <= 64), else 16 (<= 128; checked by the caller)
+            decode_attention_lpk<8, R>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, nw, st);
+        else
+            decode_attention_lpk<16, R>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, nw, st);
+    };
     if (k_new)
-        D <= 64 ? decode_attention_lpk<8, true>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, nw, st)
-                : decode_attention_lpk<16, true>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, nw, st);
+        launch(std::true_type{});
     else
-        D <= 64 ? decode_attention_lpk<8, false>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, nw, st)
-                : decode_attention_lpk<16, false>(qh, kc, vc, pos, oh, B, H, Hkv, D, L, GB, S, nw, st);
+        launch(std::false_type{});
 }
 
 void silu_mul(const void* g, const void* u, void* out, int64_t n, uintptr_t stream) {
