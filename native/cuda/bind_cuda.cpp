@@ -150,6 +150,11 @@ void register_cuda(py::module_& m) {
                                                 exl2cuda::device_sm_count(), exl2cuda::device_cc_major(),
                                                 exl2cuda::device_smem_optin(), 0, 0, 0, ptr<const void>(up));
     });
+#ifdef EXL2BUILD_PHASE_PROBE
+    // The diagnostic build only (CMake EXL2BUILD_PHASE_PROBE): the decode-sized kernel's phase stamps.
+    m.attr("gemv_phase_shape") = py::make_tuple(exl2cuda::GV_PROBE_BLOCKS, exl2cuda::GV_PROBE_SLOTS);
+    m.def("gemv_phase_copy", [](P dst, bool clear, P stream) { exl2cuda::gemv_phase_copy(ptr<void>(dst), clear, stream); });
+#endif
     m.def("logit_stats", [](P logits, bool is_f16, int64_t T, int64_t V, P targets, P ref_idx, P ref_logp, int64_t k,
                             P nll, P argmax, P kld, P stream) {
         exl2cuda::logit_stats(ptr<const void>(logits), is_f16, T, V, ptr<const int64_t>(targets),

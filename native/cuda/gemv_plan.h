@@ -14,6 +14,7 @@ constexpr int GV_STAGES = 6;       // ring depth per warp
 constexpr int GV_MAX_KS = 16;      // cluster size limit on sm_90 (non-portable above 8)
 constexpr int GV_MAX_M = 32;       // tokens: up to 4 tiles of 8 in the mma's n dimension
 constexpr int GV_MAX_LINEARS = 3;  // linears of one launch (q, k, v)
+constexpr int GV_PROBE_BLOCKS = 8192, GV_PROBE_SLOTS = 8;  // the diagnostic build's phase stamps
 
 // What the plan needs of one linear: padded columns, 32-row units, largest bit width.
 struct GemvShape {

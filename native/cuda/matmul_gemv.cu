@@ -58,6 +58,35 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+#ifdef EXL2BUILD_PHASE_PROBE
+// A diagnostic build's timing probe (CMake option EXL2BUILD_PHASE_PROBE; benchmarks/gemv_phases.py):
+// thread 0 of each block stamps where the time of a launch goes. Per block: the global timer at
+// entry and exit (ns; aligns blocks across SMs), the SM clock at entry, after the grid-dependency
+// wait, after the prologue (x staged, offset sums), after its warp's unit loop and at exit (exact
+// durations inside a block), and the SM's id.
+__device__ unsigned long long g_gemv_phase[GV_PROBE_BLOCKS][GV_PROBE_SLOTS];
+__device__ __forceinline__ void phase_stamp(int slot) {
+    if (threadIdx.x != 0) return;
+    const unsigned b = blockIdx.y * gridDim.x + blockIdx.x;
+    if (b >= (unsigned)GV_PROBE_BLOCKS) return;
+    unsigned long long v;
+    if (slot == 0 || slot == 1) {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
+    } else {
+        v = clock64();
+    }
+    g_gemv_phase[b][slot] = v;
+    if (slot == 0) {
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        g_gemv_phase[b][7] = sm;
+    }
+}
+#define GV_STAMP(...) phase_stamp(__VA_ARGS__)
+#else
+#define GV_STAMP(...) ((void)0)
+#endif
+
 // unit_meta fields (int4 per unit; built by exl2build.kernels.unit_tables):
 // x = first word row in q_weight, y = first permuted K row,
 // z = bits | words << 4 | rows << 10 | (last unit of its group) << 16, w = group | scale_max bits << 16.
@@ -302,6 +331,8 @@ struct GemvArgs {
 template <int W, int NT, bool SWIGLU = false>
 __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const GemvArgs a) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
+    GV_STAMP(0);
+    GV_STAMP(2);
     const int l = (int)blockIdx.x < a.tile_end[0] ? 0 : (int)blockIdx.x < a.tile_end[1] ? 1 : 2;
     const int bx = (int)blockIdx.x - (l == 0 ? 0 : l == 1 ? a.tile_end[0] : a.tile_end[1]);
     const int32_t* qw = GV_PICK(l, qw);
@@ -388,6 +419,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
         ums[i] = m;
     }
     grid_dependency_wait();
+    GV_STAMP(3);
     store_x(0);
     for (int base = CH * nthr; base < total; base += CH * nthr) {
         load_src(base);
@@ -427,6 +459,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
         cus[lu * 8 * NT + m] = sum;
     }
     __syncthreads();
+    GV_STAMP(4);
 
     // 2. Stream the units, one run of equal bit width at a time (the width is a template argument
     // inside a run, so the decoding is straight-line code).
@@ -455,10 +488,15 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
         }
         cp_async_wait<0>();
     }
+    GV_STAMP(5);
 
     // 3. Output (each_lane_out: the token and column of each of the lane's sums).
     if (a.ks == 1 && a.kw == 1) {
-        if (!active) return;
+        if (!active) {
+            GV_STAMP(6);
+            GV_STAMP(1);
+            return;
+        }
         // The same walk as each_lane_out, written out: through it the compiler schedules these
         // stores differently, and that version has not been timed.
 #pragma unroll
@@ -471,6 +509,8 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
                     const int n = col_base + (k < 4 ? 0 : 32) + 4 * gid + (k & 3);
                     if (m < a.M && n < N) y[(int64_t)m * N + n] = __float2half_rn(acc[i][tau][e]);
                 }
+        GV_STAMP(6);
+        GV_STAMP(1);
         return;
     }
     // Partial sums [kw][M][wc * 64]; the kw parts are added in order, then (ks > 1) across the
@@ -492,11 +532,17 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
             else
                 part[i] = sum;
         }
-        if (a.ks == 1) return;
+        if (a.ks == 1) {
+            GV_STAMP(6);
+            GV_STAMP(1);
+            return;
+        }
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     cluster_reduce(part, NO, a.ks, nthr, write_y);
 #endif
+    GV_STAMP(6);
+    GV_STAMP(1);
 }
 
 template <int W, int NT, bool SWIGLU = false>
@@ -509,6 +555,19 @@ void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
 }
 
 }  // namespace
+
+#ifdef EXL2BUILD_PHASE_PROBE
+void gemv_phase_copy(void* dst, bool clear, uintptr_t stream) {
+    const cudaStream_t st = as_stream(stream);
+    check(cudaMemcpyFromSymbolAsync(dst, g_gemv_phase, sizeof(g_gemv_phase), 0, cudaMemcpyDeviceToDevice, st),
+          "gemv_phase_copy");
+    if (clear) {
+        void* p = nullptr;
+        check(cudaGetSymbolAddress(&p, g_gemv_phase), "gemv_phase_copy");
+        check(cudaMemsetAsync(p, 0, sizeof(g_gemv_phase), st), "gemv_phase_copy");
+    }
+}
+#endif
 
 bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count, int64_t M, int64_t K,
                             uintptr_t stream, int sms, int cc_major, int smem_optin, int warps, int k_splits,

@@ -32,4 +32,12 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
                             uintptr_t stream, int sms, int cc_major, int smem_optin, int warps = 0,
                             int k_splits = 0, int k_warps = 0, const void* x_up = nullptr);
 
+#ifdef EXL2BUILD_PHASE_PROBE
+// The diagnostic build's phase stamps of the last launches, [GV_PROBE_BLOCKS][GV_PROBE_SLOTS] u64,
+// copied to device memory at dst (then zeroed when clear). Slots: 0/1 global timer (ns) at entry /
+// exit, 2-6 SM clock at entry, after the grid-dependency wait, after the prologue, after warp 0's
+// unit loop, at exit; 7 the SM's id.
+void gemv_phase_copy(void* dst, bool clear, uintptr_t stream);
+#endif
+
 }  // namespace exl2cuda

@@ -1,0 +1,115 @@
+"""Where a launch of the decode-sized kernel spends its time, from its own phase stamps.
+
+Needs the diagnostic build (the stamps cost a few instructions per block, so they are compiled in
+only on request):
+
+    EXL2BUILD_PHASE_PROBE=ON EXL2BUILD_CUDA=ON EXL2BUILD_CUDA_ARCHS=90 pip install --no-build-isolation --no-deps .
+    python benchmarks/gemv_phases.py [--shapes 4096x4096,8192x28672] [--bpw 4.0,2.5]
+
+Thread 0 of every block stamps the SM clock at entry, after the grid-dependency wait, after the
+prologue (x staged and the offset sums), after warp 0's unit loop and at exit, and the global timer
+at entry and exit. Per shape, over single launches (the GPU otherwise idle) and over the last launch
+of a chain of back-to-back launches (programmatic dependent launch, as in a decode step):
+  * span: first block's entry to last block's exit (global timer), and the graph-timed time per call;
+  * the blocks' entries and exits relative to the first entry (median and last);
+  * each phase's duration inside a block (SM clock, in us at the clock rate the stamps imply):
+    median and largest over the blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernels as kb  # noqa: E402  benchmarks/kernels.py: random weights, graph timing
+
+C = kb.C
+
+PHASES = [("wait", 2, 3), ("x + sums", 3, 4), ("unit loop", 4, 5), ("output", 5, 6), ("block", 2, 6)]
+
+
+def stamps(launch, n_launch: int) -> torch.Tensor:
+    """[blocks, 8] int64 stamps of the last of n_launch back-to-back launches."""
+    B, S = C.gemv_phase_shape
+    buf = torch.zeros(B, S, dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()
+    C.gemv_phase_copy(buf.data_ptr(), True, kb.stream())
+    for _ in range(n_launch):
+        launch()
+    C.gemv_phase_copy(buf.data_ptr(), True, kb.stream())
+    torch.cuda.synchronize()
+    return buf[buf[:, 0] != 0].cpu()
+
+
+def summarize(runs: list[torch.Tensor]) -> dict:
+    """Medians over runs of each figure (us)."""
+    figs: dict[str, list[float]] = {}
+
+    def add(k, v):
+        figs.setdefault(k, []).append(v)
+    for st in runs:
+        g0, g1 = st[:, 0].double(), st[:, 1].double()
+        t0 = g0.min()
+        # SM cycles per ns, from all blocks together (the global timer's steps average out)
+        ghz = float((st[:, 6] - st[:, 2]).double().sum() / (g1 - g0).sum())
+        add("blocks", float(st.shape[0]))
+        add("span", float(g1.max() - t0) / 1e3)
+        add("entry med", float((g0 - t0).median()) / 1e3)
+        add("entry last", float((g0 - t0).max()) / 1e3)
+        add("exit med", float((g1 - t0).median()) / 1e3)
+        add("GHz", ghz)
+        for name, a, b in PHASES:
+            d = (st[:, b] - st[:, a]).double() / ghz / 1e3
+            add(f"{name} med", float(d.median()))
+            add(f"{name} max", float(d.max()))
+        per_sm = torch.bincount(st[:, 7].long())
+        add("blocks/SM max", float(per_sm.max()))
+    return {k: statistics.median(v) for k, v in figs.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096,4096x14336,8192x28672")
+    ap.add_argument("--bpw", default="4.0,2.5")
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--chain", type=int, default=8, help="launches per chain (the last one is stamped)")
+    args = ap.parse_args()
+    if C is None or not hasattr(C, "gemv_phase_copy"):
+        sys.exit("gemv_phases.py: this exl2build was built without the phase probe; rebuild with "
+                 "EXL2BUILD_PHASE_PROBE=ON EXL2BUILD_CUDA=ON (see this file's docstring)")
+    print(f"card: {torch.cuda.get_device_name()}")
+    rows = []
+    for shape in args.shapes.split(","):
+        K, N = (int(v) for v in shape.split("x"))
+        for bpw in (float(b) for b in args.bpw.split(",")):
+            qt0 = kb.random_qtensor(K, N, bpw, seed=K + N)
+            n_copies = max(2, math.ceil(2 * kb.L2_BYTES / kb.weight_bytes(qt0)))
+            qts = [qt0] + [kb.random_qtensor(K, N, bpw, seed=K + N + i) for i in range(1, n_copies)]
+            x = (torch.randn(1, K, device="cuda") * 0.5).half()
+            y = torch.empty(1, N, device="cuda", dtype=torch.float16)
+            argsets = [kb.gemv_args(x, qt, y) for qt in qts]
+            launch = kb.gemv(argsets, 0, 0)
+            t_graph = kb.time_graph(launch, 4 * len(argsets)) * 1e6
+            for mode, n in (("single", 1), (f"chain of {args.chain}", args.chain)):
+                s = summarize([stamps(launch, n) for _ in range(args.runs)])
+                rows.append((f"{K}x{N}", bpw, mode, t_graph, s))
+                print(f"{K}x{N} {bpw} bpw {mode}: graph {t_graph:.1f} us/call, " +
+                      ", ".join(f"{k} {v:.2f}" for k, v in s.items()), flush=True)
+    head = ["K x N", "bpw", "launch", "graph us/call", "span us", "blocks (max/SM)", "entry med / last",
+            "exit med"] + [f"{p} med / max" for p, _, _ in PHASES]
+    print("\n| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
+    for shape, bpw, mode, tg, s in rows:
+        cells = [shape, f"{bpw}", mode, f"{tg:.1f}", f"{s['span']:.1f}", f"{s['blocks']:.0f} ({s['blocks/SM max']:.0f})",
+                 f"{s['entry med']:.1f} / {s['entry last']:.1f}", f"{s['exit med']:.1f}"]
+        cells += [f"{s[p + ' med']:.2f} / {s[p + ' max']:.2f}" for p, _, _ in PHASES]
+        print("| " + " | ".join(cells) + " |")
+    print(f"\n(SM clock in the stamps: {statistics.median(r[4]['GHz'] for r in rows):.2f} GHz)")
+
+
+if __name__ == "__main__":
+    main()
