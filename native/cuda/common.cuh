@@ -143,10 +143,18 @@ __device__ __forceinline__ void cluster_reduce(float* part, int count, int ks, i
     cg::cluster_group cl = cg::this_cluster();
     cl.sync();
     const int r = (int)cl.block_rank();
-    for (int i = threadIdx.x; i < count; i += stride) {
-        if (i % ks != r) continue;
+    // Every remote read first, then the sum in rank order: the ks reads of distributed shared memory
+    // are in flight together (one after another they cost ~ks round trips at the end of every block).
+    constexpr int MAX_KS = 16;  // the largest cluster on sm_90
+    for (int i = r + ks * (int)threadIdx.x; i < count; i += ks * stride) {
+        float v[MAX_KS];
+#pragma unroll
+        for (int q = 0; q < MAX_KS; ++q)
+            if (q < ks) v[q] = cl.map_shared_rank(part, q)[i];
         float sum = 0.0f;
-        for (int q = 0; q < ks; ++q) sum += cl.map_shared_rank(part, q)[i];
+#pragma unroll
+        for (int q = 0; q < MAX_KS; ++q)
+            if (q < ks) sum += v[q];
         write(i, sum);
     }
     // No block may leave while others still read its partial sums. The reads are complete here (their
