@@ -86,6 +86,7 @@ __device__ __forceinline__ void phase_stamp(int slot) {
 #else
 #define GV_STAMP(...) ((void)0)
 #endif
+#define GV_STAMP_EXIT() (GV_STAMP(6), GV_STAMP(1))  // SM clock, then global timer, at a block's exit
 
 // unit_meta fields (int4 per unit; built by exl2build.kernels.unit_tables):
 // x = first word row in q_weight, y = first permuted K row,
@@ -493,8 +494,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     // 3. Output (each_lane_out: the token and column of each of the lane's sums).
     if (a.ks == 1 && a.kw == 1) {
         if (!active) {
-            GV_STAMP(6);
-            GV_STAMP(1);
+            GV_STAMP_EXIT();
             return;
         }
         // The same walk as each_lane_out, written out: through it the compiler schedules these
@@ -509,8 +509,7 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
                     const int n = col_base + (k < 4 ? 0 : 32) + 4 * gid + (k & 3);
                     if (m < a.M && n < N) y[(int64_t)m * N + n] = __float2half_rn(acc[i][tau][e]);
                 }
-        GV_STAMP(6);
-        GV_STAMP(1);
+        GV_STAMP_EXIT();
         return;
     }
     // Partial sums [kw][M][wc * 64]; the kw parts are added in order, then (ks > 1) across the
@@ -533,16 +532,14 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
                 part[i] = sum;
         }
         if (a.ks == 1) {
-            GV_STAMP(6);
-            GV_STAMP(1);
+            GV_STAMP_EXIT();
             return;
         }
     }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     cluster_reduce(part, NO, a.ks, nthr, write_y);
 #endif
-    GV_STAMP(6);
-    GV_STAMP(1);
+    GV_STAMP_EXIT();
 }
 
 template <int W, int NT, bool SWIGLU = false>
