@@ -6,7 +6,7 @@
 # sm_90), then runs decode_ops.py for each preset with the builds alternating, ROUNDS times.
 # Logs in $OUT/ab_decode.log. KERNELS=1 also times exl2_matmul at M = 1, 8, 16, 32 on the four Llama shapes
 # (`kernels.py --gemv --no-sweep`) for each build, alternating, and joins them in $OUT/ab_kernels.md.
-# Usage: TREES='base:.ab_base head:.' [ENVS='K=0;K=1'] [CHECK_K='gemv or group'] [TIMELINE=1] [SANITIZE=head] [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] \
+# Usage: TREES='base:.ab_base head:.' [ENVS='K=0;K=1'] [CHECK_K='gemv or group'] [TIMELINE=1] [SANITIZE=head] [PROBE=shapes] [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] \
 #        bash benchmarks/device_ab_decode.sh
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -25,7 +25,15 @@ build() {  # tree, target dir (emptied first: on a warm machine pip --target kee
     $PY -m pip install --no-build-isolation --no-deps --no-cache-dir --target "$2" "$1" > "$2.log" 2>&1
 }
 t0=$(date +%s)
-for tr in "${trees[@]}"; do build "$(cd "$REPO/${tr#*:}" && pwd)" "/tmp/ab_${tr%%:*}" & done; wait
+# PROBE='4096x14336,8192x28672': also build the last tree with the phase probe (from a copy of the
+# tree: scikit-build-core keeps its build folder inside the source) and, after the decode timings,
+# run gemv_phases.py on these shapes under each ENVS setting; logs in $OUT/phases_<k>.log.
+if [ -n "${PROBE:-}" ]; then
+  last=${trees[-1]}; rm -rf /tmp/probe_src; cp -r "$(cd "$REPO/${last#*:}" && pwd)" /tmp/probe_src; rm -rf /tmp/probe_src/build
+  EXL2BUILD_PHASE_PROBE=ON build /tmp/probe_src /tmp/ab_probe &
+fi
+for tr in "${trees[@]}"; do build "$(cd "$REPO/${tr#*:}" && pwd)" "/tmp/ab_${tr%%:*}" & done
+wait
 echo "builds done in $(( $(date +%s) - t0 )) s"
 for tr in "${trees[@]}"; do echo "${tr%%:*}: $(tail -1 "/tmp/ab_${tr%%:*}.log")"; done
 # CHECK_K: first run the CUDA tests of each build but the first (the reference) selected by this -k expression (e.g. "gemv or group"), from its tree.
@@ -60,6 +68,14 @@ for r in $(seq "${ROUNDS:-2}"); do
     done
   done
 done
+if [ -n "${PROBE:-}" ]; then
+  echo "probe build: $(tail -1 /tmp/ab_probe.log)"
+  for k in "${!envs[@]}"; do
+    (cd /tmp && env ${envs[$k]} PYTHONPATH=/tmp/ab_probe timeout 300 $PY /tmp/probe_src/benchmarks/gemv_phases.py \
+      --shapes "$PROBE" --bpw "${PROBE_BPW:-4.0,2.5}" --runs 5) > "$OUT/phases_$k.log" 2>&1
+    echo "phases | ${envs[$k]:-default} | rc=$? | $OUT/phases_$k.log"
+  done
+fi
 # TIMELINE=1: per preset and tree, one more run that traces graph replays (decode_ops.py --timeline):
 # GPU time and gaps per kernel and per slot of a layer; in $OUT/timeline_<side>_<preset>.log.
 if [ -n "${TIMELINE:-}" ]; then

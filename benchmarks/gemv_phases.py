@@ -34,7 +34,8 @@ PHASES = [("wait", 2, 3), ("x + sums", 3, 4), ("unit loop", 4, 5), ("output", 5,
 
 
 def stamps(launch, n_launch: int) -> torch.Tensor:
-    """[blocks, 8] int64 stamps of the last of n_launch back-to-back launches."""
+    """[blocks, 9] int64: the 8 stamps of each block of the last of n_launch back-to-back launches,
+    then the block's linear index (blockIdx.y * gridDim.x + blockIdx.x: the K split is index // gx)."""
     B, S = C.gemv_phase_shape
     buf = torch.zeros(B, S, dtype=torch.int64, device="cuda")
     torch.cuda.synchronize()
@@ -43,7 +44,24 @@ def stamps(launch, n_launch: int) -> torch.Tensor:
         launch()
     C.gemv_phase_copy(buf.data_ptr(), True, kb.stream())
     torch.cuda.synchronize()
-    return buf[buf[:, 0] != 0].cpu()
+    buf = buf.cpu()
+    idx = torch.nonzero(buf[:, 0] != 0).flatten()
+    return torch.cat([buf[idx], idx[:, None]], dim=1)
+
+
+def loop_spread(st: torch.Tensor, gx: int) -> dict:
+    """The unit loop's median duration (us) over the blocks grouped by how many blocks of the launch
+    ran on their SM, and grouped by K split (rank): tells an uneven spread of blocks over the SMs
+    from uneven work per K split."""
+    ghz = float((st[:, 6] - st[:, 2]).double().sum() / (st[:, 1] - st[:, 0]).double().sum())
+    loop = (st[:, 5] - st[:, 4]).double() / ghz / 1e3
+    sm = st[:, 7].long()
+    on_sm = torch.bincount(sm)[sm]
+    rank = st[:, 8] // gx
+    out = {}
+    for name, key in (("blocks on its SM", on_sm), ("K split", rank)):
+        out[name] = {int(k): (float(loop[key == k].median()), int((key == k).sum())) for k in torch.unique(key)}
+    return out
 
 
 def summarize(runs: list[torch.Tensor]) -> dict:
@@ -95,11 +113,19 @@ def main() -> None:
             argsets = [kb.gemv_args(x, qt, y) for qt in qts]
             launch = kb.gemv(argsets, 0, 0)
             t_graph = kb.time_graph(launch, 4 * len(argsets)) * 1e6
+            plan = C.gemv_plan([(qt0.q_weight.shape[1], argsets[0][10], argsets[0][11])], 1,
+                               *C.device_gemv_figures(), 0, 0, 0)
             for mode, n in (("single", 1), (f"chain of {args.chain}", args.chain)):
-                s = summarize([stamps(launch, n) for _ in range(args.runs)])
+                runs = [stamps(launch, n) for _ in range(args.runs)]
+                s = summarize(runs)
                 rows.append((f"{K}x{N}", bpw, mode, t_graph, s))
                 print(f"{K}x{N} {bpw} bpw {mode}: graph {t_graph:.1f} us/call, " +
                       ", ".join(f"{k} {v:.2f}" for k, v in s.items()), flush=True)
+                if mode == "single":  # the spread of one run (the median run by span)
+                    spread = loop_spread(runs[len(runs) // 2], plan["blocks"])
+                    for name, groups in spread.items():
+                        print(f"  unit loop by {name}: " + ", ".join(
+                            f"{k}: {med:.2f} us ({n} blocks)" for k, (med, n) in groups.items()), flush=True)
     head = ["K x N", "bpw", "launch", "graph us/call", "span us", "blocks (max/SM)", "entry med / last",
             "exit med"] + [f"{p} med / max" for p, _, _ in PHASES]
     print("\n| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")

@@ -1,6 +1,7 @@
 """The benchmark helpers that post-process device outputs (they run on this machine)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,19 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load(name):
+    """A benchmark script as a module. Some scripts put benchmarks/ on sys.path and import its
+    kernels.py as `kernels`: both are undone here, or a later `import kernels` elsewhere in the test
+    run (transformers looks for a package of that name) would find the benchmark."""
+    path, modules = list(sys.path), set(sys.modules)
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = path
+        for m in set(sys.modules) - modules:
+            if str(getattr(sys.modules[m], "__file__", "") or "").startswith(str(BENCH)):
+                del sys.modules[m]
     return mod
 
 
@@ -53,3 +64,21 @@ def test_gemv_phases_summarizes_the_stamps():
     assert s["wait med"] == pytest.approx(0.5) and s["wait max"] == pytest.approx(0.6)
     assert s["unit loop med"] == pytest.approx(2.0) and s["unit loop max"] == pytest.approx(3.0)
     assert s["block max"] == pytest.approx(4.0)
+
+
+def test_gemv_phases_spreads_the_unit_loop_by_sm_load_and_k_split():
+    """gemv_phases.loop_spread: the unit loop's median per count of blocks on the block's SM and per K
+    split (the block's linear index // blocks along x)."""
+    import torch
+    phases = load("gemv_phases")
+    rows = []
+    # 4 blocks along x, 2 K splits; SM 0 runs three blocks, SM 1 one, SM 2 four (all of split 1).
+    # Stamps 0-1 global timer, 2-6 SM clock (entry, wait, prologue, loop end, exit), 7 SM, 8 index;
+    # the loop takes 1000 ns at split 0, 2000 at split 1, 500 more on SM 2; both clocks 1 per ns.
+    for b, sm in enumerate([0, 0, 0, 1, 2, 2, 2, 2]):
+        loop = 1000 * (1 + b // 4) + (500 if sm == 2 else 0)
+        rows.append([0, 300 + loop, 0, 100, 200, 200 + loop, 300 + loop, sm, b])
+    st = torch.tensor(rows, dtype=torch.int64)
+    out = phases.loop_spread(st, gx=4)
+    assert out["blocks on its SM"] == {1: (pytest.approx(1.0), 1), 3: (pytest.approx(1.0), 3), 4: (pytest.approx(2.5), 4)}
+    assert out["K split"] == {0: (pytest.approx(1.0), 4), 1: (pytest.approx(2.5), 4)}
