@@ -17,7 +17,7 @@ PY=${PY:-python3}
 mkdir -p "$OUT"
 for pair in hydra:hydra_core omegaconf:omegaconf antlr4:antlr4 gguf:gguf; do
   (cd /tmp && $PY -c "import ${pair%%:*}") 2>/dev/null && continue
-  f=$(ls "$REPO"/.whl/${pair#*:}-* 2>/dev/null | head -1); [ -n "$f" ] && $PY -m pip install -q --no-index --no-deps --no-build-isolation "$f" >/dev/null 2>&1
+  f=$(ls "$REPO"/.whl/${pair#*:}[-_]* 2>/dev/null | head -1); [ -n "$f" ] && $PY -m pip install -q --no-index --no-deps --no-build-isolation "$f" >/dev/null 2>&1
 done
 build() {  # tree, target dir (emptied first: on a warm machine pip --target keeps the old package)
   rm -rf "$2"

@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=c
 want=""
 for pair in hydra:hydra_core omegaconf:omegaconf antlr4:antlr4 gguf:gguf; do
   (cd /tmp && $PY -c "import ${pair%%:*}") 2>/dev/null && continue
-  f=$(ls .whl/${pair#*:}-* 2>/dev/null | head -1); [ -n "$f" ] && want="$want $f"
+  f=$(ls .whl/${pair#*:}[-_]* 2>/dev/null | head -1); [ -n "$f" ] && want="$want $f"
 done
 [ -n "$want" ] && $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir $want > "$OUT/wheels.log" 2>&1
 

@@ -87,7 +87,7 @@ do_prep() {
               regex:regex PIL:pillow hydra:hydra_core omegaconf:omegaconf antlr4:antlr4 gguf:gguf; do
     mod=${pair%%:*}; file=${pair#*:}
     if ! (cd /tmp && $PY -c "import $mod") 2>/dev/null; then
-      f=$(ls .whl/${file}-* .whl/${file^}-* 2>/dev/null | head -1)
+      f=$(ls .whl/${file}[-_]* .whl/${file^}[-_]* 2>/dev/null | head -1)
       if [ -n "$f" ]; then want="$want $f"; else echo "MISSING: 'import $mod' fails and .whl/ has no ${file}-*"; fi
     fi
   done
