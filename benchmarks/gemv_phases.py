@@ -49,6 +49,29 @@ def stamps(launch, n_launch: int) -> torch.Tensor:
     return torch.cat([buf[idx], idx[:, None]], dim=1)
 
 
+def loop_times(st: torch.Tensor) -> dict[int, float]:
+    """The unit loop's duration (us) per block linear index (stamp column 8)."""
+    ghz = float((st[:, 6] - st[:, 2]).double().sum() / (st[:, 1] - st[:, 0]).double().sum())
+    loop = (st[:, 5] - st[:, 4]).double() / ghz / 1e3
+    return dict(zip(st[:, 8].tolist(), loop.tolist()))
+
+
+def slow_blocks(runs: list[torch.Tensor], gx: int, top: int = 8) -> dict:
+    """Whether the same blocks are the slow ones launch after launch: the correlation of the blocks'
+    loop times between consecutive runs (1: the same blocks every time, 0: a different draw each
+    launch), and the slowest blocks of the first run as (x, K split, SM, loop us) with their loop
+    time in the other runs."""
+    times = [loop_times(st) for st in runs]
+    common = sorted(set.intersection(*(set(t) for t in times)))
+    corr = []
+    for a, b in zip(times, times[1:]):
+        va, vb = torch.tensor([a[i] for i in common]), torch.tensor([b[i] for i in common])
+        corr.append(float(torch.corrcoef(torch.stack([va, vb]))[0, 1]))
+    sm = dict(zip(runs[0][:, 8].tolist(), runs[0][:, 7].tolist()))
+    worst = sorted(common, key=lambda i: -times[0][i])[:top]
+    return {"corr": corr, "slowest": [(i % gx, i // gx, sm[i], times[0][i], [t[i] for t in times[1:]]) for i in worst]}
+
+
 def loop_spread(st: torch.Tensor, gx: int) -> dict:
     """The unit loop's median duration (us) over the blocks grouped by how many blocks of the launch
     ran on their SM, and grouped by K split (rank): tells an uneven spread of blocks over the SMs
@@ -126,6 +149,12 @@ def main() -> None:
                     for name, groups in spread.items():
                         print(f"  unit loop by {name}: " + ", ".join(
                             f"{k}: {med:.2f} us ({n} blocks)" for k, (med, n) in groups.items()), flush=True)
+                    slow = slow_blocks(runs, plan["blocks"])
+                    print("  unit loop, run-to-run correlation over the blocks: " +
+                          ", ".join(f"{c:.2f}" for c in slow["corr"]) + "; slowest blocks (x, K split, SM: us, "
+                          "then in the other runs): " + "; ".join(
+                              f"({x}, {r}, {m}: {t:.1f}, " + "/".join(f"{o:.1f}" for o in other) + ")"
+                              for x, r, m, t, other in slow["slowest"]), flush=True)
     head = ["K x N", "bpw", "launch", "graph us/call", "span us", "blocks (max/SM)", "entry med / last",
             "exit med"] + [f"{p} med / max" for p, _, _ in PHASES]
     print("\n| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")

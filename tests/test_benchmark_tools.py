@@ -82,3 +82,22 @@ def test_gemv_phases_spreads_the_unit_loop_by_sm_load_and_k_split():
     out = phases.loop_spread(st, gx=4)
     assert out["blocks on its SM"] == {1: (pytest.approx(1.0), 1), 3: (pytest.approx(1.0), 3), 4: (pytest.approx(2.5), 4)}
     assert out["K split"] == {0: (pytest.approx(1.0), 4), 1: (pytest.approx(2.5), 4)}
+
+
+def test_gemv_phases_names_the_blocks_slow_in_every_run():
+    """gemv_phases.slow_blocks: the run-to-run correlation of the blocks' loop times, and the slowest
+    blocks of the first run with their times in the others."""
+    import torch
+    phases = load("gemv_phases")
+
+    def run(loops):  # one block per entry: loop (ns) as given, both clocks 1 per ns, SM = index % 3
+        return torch.tensor([[0, 300 + t, 0, 100, 200, 200 + t, 300 + t, b % 3, b] for b, t in enumerate(loops)],
+                            dtype=torch.int64)
+    same = [1000, 1100, 5000, 1200, 1050, 1150]
+    out = phases.slow_blocks([run(same), run([t + 10 for t in same])], gx=3, top=2)
+    assert out["corr"][0] == pytest.approx(1.0)
+    # block 2 (x 2, split 0, SM 2) is the slowest, then block 3 (x 0, split 1, SM 0)
+    assert [s[:4] for s in out["slowest"]] == [(2, 0, 2, pytest.approx(5.0)), (0, 1, 0, pytest.approx(1.2))]
+    assert out["slowest"][0][4] == [pytest.approx(5.01)]
+    shuffled = phases.slow_blocks([run(same), run([1000, 5000, 1100, 1050, 1200, 1150])], gx=3)
+    assert shuffled["corr"][0] < 0.5
