@@ -88,7 +88,7 @@ do_prep() {
     mod=${pair%%:*}; file=${pair#*:}
     if ! (cd /tmp && $PY -c "import $mod") 2>/dev/null; then
       f=$(ls .whl/${file}[-_]* .whl/${file^}[-_]* 2>/dev/null | head -1)
-      if [ -n "$f" ]; then want="$want $f"; else echo "MISSING: 'import $mod' fails and .whl/ has no ${file}-*"; fi
+      if [ -n "$f" ]; then want="$want $f"; else echo "MISSING: 'import $mod' fails and .whl/ has no ${file}-* or ${file}_*"; fi
     fi
   done
   echo "installing:${want:- nothing}"

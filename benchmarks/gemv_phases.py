@@ -49,11 +49,15 @@ def stamps(launch, n_launch: int) -> torch.Tensor:
     return torch.cat([buf[idx], idx[:, None]], dim=1)
 
 
+def loop_us(st: torch.Tensor) -> torch.Tensor:
+    """Each block's unit-loop duration (us), at the SM clock rate the stamps imply."""
+    ghz = float((st[:, 6] - st[:, 2]).double().sum() / (st[:, 1] - st[:, 0]).double().sum())
+    return (st[:, 5] - st[:, 4]).double() / ghz / 1e3
+
+
 def loop_times(st: torch.Tensor) -> dict[int, float]:
     """The unit loop's duration (us) per block linear index (stamp column 8)."""
-    ghz = float((st[:, 6] - st[:, 2]).double().sum() / (st[:, 1] - st[:, 0]).double().sum())
-    loop = (st[:, 5] - st[:, 4]).double() / ghz / 1e3
-    return dict(zip(st[:, 8].tolist(), loop.tolist()))
+    return dict(zip(st[:, 8].tolist(), loop_us(st).tolist()))
 
 
 def slow_blocks(runs: list[torch.Tensor], gx: int, top: int = 8) -> dict:
@@ -76,8 +80,7 @@ def loop_spread(st: torch.Tensor, gx: int) -> dict:
     """The unit loop's median duration (us) over the blocks grouped by how many blocks of the launch
     ran on their SM, and grouped by K split (rank): tells an uneven spread of blocks over the SMs
     from uneven work per K split."""
-    ghz = float((st[:, 6] - st[:, 2]).double().sum() / (st[:, 1] - st[:, 0]).double().sum())
-    loop = (st[:, 5] - st[:, 4]).double() / ghz / 1e3
+    loop = loop_us(st)
     sm = st[:, 7].long()
     on_sm = torch.bincount(sm)[sm]
     rank = st[:, 8] // gx
@@ -144,7 +147,7 @@ def main() -> None:
                 rows.append((f"{K}x{N}", bpw, mode, t_graph, s))
                 print(f"{K}x{N} {bpw} bpw {mode}: graph {t_graph:.1f} us/call, " +
                       ", ".join(f"{k} {v:.2f}" for k, v in s.items()), flush=True)
-                if mode == "single":  # the spread of one run (the median run by span)
+                if mode == "single":  # the spread of one run (the middle one), then across the runs
                     spread = loop_spread(runs[len(runs) // 2], plan["blocks"])
                     for name, groups in spread.items():
                         print(f"  unit loop by {name}: " + ", ".join(
