@@ -49,10 +49,14 @@ def stamps(launch, n_launch: int) -> torch.Tensor:
     return torch.cat([buf[idx], idx[:, None]], dim=1)
 
 
+def clock_ghz(st: torch.Tensor) -> float:
+    """SM cycles per ns, from all blocks together (the global timer's steps average out)."""
+    return float((st[:, 6] - st[:, 2]).double().sum() / (st[:, 1] - st[:, 0]).double().sum())
+
+
 def loop_us(st: torch.Tensor) -> torch.Tensor:
     """Each block's unit-loop duration (us), at the SM clock rate the stamps imply."""
-    ghz = float((st[:, 6] - st[:, 2]).double().sum() / (st[:, 1] - st[:, 0]).double().sum())
-    return (st[:, 5] - st[:, 4]).double() / ghz / 1e3
+    return (st[:, 5] - st[:, 4]).double() / clock_ghz(st) / 1e3
 
 
 def loop_times(st: torch.Tensor) -> dict[int, float]:
@@ -99,8 +103,7 @@ def summarize(runs: list[torch.Tensor]) -> dict:
     for st in runs:
         g0, g1 = st[:, 0].double(), st[:, 1].double()
         t0 = g0.min()
-        # SM cycles per ns, from all blocks together (the global timer's steps average out)
-        ghz = float((st[:, 6] - st[:, 2]).double().sum() / (g1 - g0).sum())
+        ghz = clock_ghz(st)
         add("blocks", float(st.shape[0]))
         add("span", float(g1.max() - t0) / 1e3)
         add("entry med", float((g0 - t0).median()) / 1e3)
