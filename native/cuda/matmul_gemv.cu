@@ -194,17 +194,23 @@ __device__ __forceinline__ LaneRead lane_read(int t, int gid, unsigned sc_off) {
     return r;
 }
 
-// The lane's words of the unit staged at shared address stage.
+// v = the 16 bytes at shared address a where p; else v keeps its value (no register is rewritten).
+__device__ __forceinline__ void lds128_if(uint4& v, unsigned a, bool p) {
+    asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %5, 0;\n@q ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+                 : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+                 : "r"(a), "r"((int)p));
+}
+
+// The lane's words of the unit staged at shared address stage. A lane whose 8 codes lie in one word
+// row (lr.two false: fixed per lane) never loads row j0 + 1: its st.w[1] keeps the zeros it started
+// with (run_units), and no width's decoding reads those bits then (3 bits: the funnel shift brings
+// them to bits 24 and up of the window, above the codes). Zeroing them per unit cost 8 instructions.
 __device__ __forceinline__ void read_stage(Stage& st, unsigned stage, const LaneRead& lr) {
     const unsigned a = stage + lr.words;
     st.w[0][0] = lds128(a);
     st.w[0][1] = lds128(a + 128u);
-    if (lr.two) {
-        st.w[1][0] = lds128(a + 4u * GV_ROW_WORDS);
-        st.w[1][1] = lds128(a + 4u * GV_ROW_WORDS + 128u);
-    } else {
-        st.w[1][0] = st.w[1][1] = make_uint4(0u, 0u, 0u, 0u);
-    }
+    lds128_if(st.w[1][0], a + 4u * GV_ROW_WORDS, lr.two);
+    lds128_if(st.w[1][1], a + 4u * GV_ROW_WORDS + 128u, lr.two);
 }
 
 // The lane's two q_scale words, staged with a group's last unit.
@@ -262,6 +268,13 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
     // was exposed at the head of every step). Past the warp's units these reads land in the spare
     // entries after ums (GV_STAGES of them) and are not used.
     int4 um = ums[u], uv = ums[u + GV_STAGES - 1];
+    // Loaded per unit where the lane has them (read_stage; x where its token tile holds a token), else
+    // zeros throughout: set once here instead of in every step.
+    Stage st;
+    st.w[1][0] = st.w[1][1] = make_uint4(0u, 0u, 0u, 0u);
+    uint4 xb[NT];  // token tile tau: tokens 8 tau .. 8 tau + 7, this lane's B fragment of token 8 tau + gid
+#pragma unroll
+    for (int tau = 0; tau < NT; ++tau) xb[tau] = make_uint4(0u, 0u, 0u, 0u);
     for (; u < nu; ++u) {
         if (um_bits(um) != B) break;
         const int4 um_next = ums[u + 1], uv_next = ums[u + GV_STAGES];
@@ -276,12 +289,9 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
                 issue_unit(ring.next, uv, lc, ring.sc_off, scales);
         }
         cp_async_commit();
-        Stage st;
         read_stage(st, ring.cur, lr);
-        uint4 xb[NT];  // token tile tau: tokens 8 tau .. 8 tau + 7, this lane's B fragment of token 8 tau + gid
 #pragma unroll
-        for (int tau = 0; tau < NT; ++tau)
-            xb[tau] = (lx.tiles >> tau) & 1 ? lds128(xa + 512u * tau) : make_uint4(0u, 0u, 0u, 0u);
+        for (int tau = 0; tau < NT; ++tau) lds128_if(xb[tau], xa + 512u * tau, (lx.tiles >> tau) & 1);
         xa += lx.stride;
         mma_unit<B, NT, false>(st, t, xb, tmp);
         if (um_last(um)) {
@@ -437,16 +447,19 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     for (int j = threadIdx.x; j < nu * a.M; j += nthr) {
         const int lu = j / a.M, m = j - lu * a.M;
         const __half2* p = reinterpret_cast<const __half2*>(xs + j * 32);
-        float pr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float pr[4][2] = {};  // [pair][half]: a pair's two halves may have different factors
 #pragma unroll
         for (int k = 0; k < 16; ++k) {
             const float2 f = __half22float2(p[k]);
-            pr[k & 3] += f.x + f.y;
+            pr[k & 3][0] += f.x;
+            pr[k & 3][1] += f.y;
         }
         const int bits = um_bits(ums[lu]);
         float sum = 0.0f;
 #pragma unroll
-        for (int r = 0; r < 4; ++r) sum += (float)(1024u + (pair_factor_of(bits, r) << (bits - 1))) * pr[r];
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) sum += (float)(1024u + (pair_factor_of(bits, r, h) << (bits - 1))) * pr[r][h];
         cus[lu * 8 * NT + m] = sum;
     }
     __syncthreads();
