@@ -159,9 +159,10 @@ def matmul_args(x, qt, y):
 
 
 def gemv_args(x, qt, y):
-    meta, uperm, max_bits = kernels.unit_tables(qt)
+    meta, uperm, max_bits, widths = kernels.unit_tables(qt)  # widths: kept alive by the QTensor's cache
     return [x.data_ptr(), qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), meta.data_ptr(), uperm.data_ptr(),
-            y.data_ptr(), x.shape[0], qt.K, qt.N, qt.q_weight.shape[1], meta.shape[0], max_bits]
+            y.data_ptr(), x.shape[0], qt.K, qt.N, qt.q_weight.shape[1], meta.shape[0], max_bits,
+            0 if widths is None else widths.data_ptr()]
 
 
 def gemv(argsets, warps, ks, kw=0):
@@ -185,7 +186,7 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
     w = torch.empty(K, N, device="cuda", dtype=torch.float16)  # the dequantized weight
 
     def deq_units(qt):
-        meta, uperm, _ = kernels.unit_tables(qt)  # cached per QTensor
+        meta, uperm = kernels.unit_tables(qt)[:2]  # cached per QTensor
         assert C.dequant_units(qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), meta.data_ptr(),
                                uperm.data_ptr(), w.data_ptr(), N, qt.q_weight.shape[1], meta.shape[0], stream())
 

@@ -251,7 +251,7 @@ def dequant(qt, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         # decode-sized matmul); it declines misaligned tensors and more than 65535 units.
         tables = _unit_tables(qt, qt._validated)  # _check_qtensor has just computed the identity
         if tables is not None:
-            meta, uperm, _ = tables
+            meta, uperm = tables[:2]
             if _call("dequant_units", dev, qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), meta.data_ptr(),
                      uperm.data_ptr(), out.data_ptr(), qt.N, qt.q_weight.shape[1], meta.shape[0]):
                 return out
@@ -283,15 +283,17 @@ for _b, _l2 in _PAIR_LOG2.items():
     _SLOT_LOG2[_b] = torch.tensor([_l2[(p >> 1) & 3][p & 1] for p in range(32)])
 
 
-def unit_tables(qt) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(unit_meta int32 [U, 4], unit_perm int32 [U * 32], max bits) of a QTensor, on its device.
+def unit_tables(qt) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None:
+    """(unit_meta int32 [U, 4], unit_perm int32 [U * 32], max bits, unit widths) of a QTensor.
 
     A unit is 32 rows of one group (a group's last unit may be shorter). unit_meta holds, per
     unit: first word row in q_weight, first permuted K row, bits | words << 4 | rows << 10 |
     (last unit of its group) << 16, and group | q_scale_max bits << 16. unit_perm holds the
     input channel of each unit slot in the kernels' K-slot order (bits 0-23; -1 past a short unit's
     rows) and, in bits 24-26, log2 of the slot's pair factor (the decode-sized kernel divides x by it).
-    The decode-sized CUDA kernel reads these instead of rebuilding them in every block. Built
+    unit_meta and unit_perm are on the QTensor's device; the unit widths (uint8 [U], host memory) are
+    there only where the widths differ (else None): the decode-sized kernel's launcher splits K by
+    them. The decode-sized CUDA kernel reads these instead of rebuilding them in every block. Built
     on the host once per QTensor and cached while its tensors stay the same; None when the
     linear has more groups than the tables can name (65536).
     """
@@ -328,7 +330,9 @@ def _unit_tables(qt, ident: tuple):
         perm = qt.perm.long()
         factor = _SLOT_LOG2[(meta_t[:, 2] & 15).long()].reshape(-1).to(by_pos.device) << 24
         uperm = torch.where(by_pos >= 0, perm[by_pos.clamp(min=0)] | factor, -1).to(torch.int32)
-        tables = (meta_t.to(qt.q_weight.device), uperm, max(b for b, _, _ in groups))
+        widths = (meta_t[:, 2] & 15).to(torch.uint8)
+        tables = (meta_t.to(qt.q_weight.device), uperm, max(b for b, _, _ in groups),
+                  widths.contiguous() if len(set(widths.tolist())) > 1 else None)
     object.__setattr__(qt, "_unit_tables", (ident, tables))
     return tables
 
@@ -376,9 +380,10 @@ def _gemv_applies(x: torch.Tensor, N: int) -> bool:
 
 
 def gemv_desc(qt, y: torch.Tensor) -> list[int] | None:
-    """The 9 ints the decode-sized kernels (exl2_matmul_gemv, _group, _swiglu) take per linear,
+    """The 10 ints the decode-sized kernels (exl2_matmul_gemv, _group, _swiglu) take per linear,
     writing its product into y: q_weight, q_scale, unit_meta, unit_perm and y pointers, N, N_pad,
-    units, max bits. None without unit tables. Validates qt first (for callers outside this module)."""
+    units, max bits, and the host pointer of the unit widths (0 for one width). None without unit
+    tables. Validates qt first (for callers outside this module)."""
     _check_qtensor(qt)
     return _gemv_desc(qt, y)
 
@@ -388,9 +393,9 @@ def _gemv_desc(qt, y: torch.Tensor) -> list[int] | None:
     tables = _unit_tables(qt, qt._validated)  # _check_qtensor has just computed the identity
     if tables is None:
         return None
-    meta, uperm, max_bits = tables
+    meta, uperm, max_bits, widths = tables
     return [qt.q_weight.data_ptr(), qt.q_scale.data_ptr(), meta.data_ptr(), uperm.data_ptr(), y.data_ptr(), qt.N,
-            qt.q_weight.shape[1], meta.shape[0], max_bits]
+            qt.q_weight.shape[1], meta.shape[0], max_bits, 0 if widths is None else widths.data_ptr()]
 
 
 def exl2_matmul(x: torch.Tensor, qt) -> torch.Tensor:

@@ -230,7 +230,7 @@ def test_unit_tables_describe_every_row_once(K, N, layout):
     and unit_perm maps each unit slot (in the kernels' K-slot order) to the row's input channel, with
     log2 of the slot's pair factor in bits 24-26."""
     qt = mixed_qtensor(K, N, layout, seed=K)
-    meta, uperm, max_bits = kernels.unit_tables(qt)
+    meta, uperm, max_bits, widths = kernels.unit_tables(qt)
     assert max_bits == max(b for b, _ in layout)
     qg = qt.q_groups.long().tolist()
     smax_bits = qt.q_scale_max.view(torch.int16).long().tolist()

@@ -27,6 +27,13 @@ template <typename T>
 T* ptr(P p) {
     return reinterpret_cast<T*>(p);
 }
+
+// Linear i / 10 of a decode-sized kernel's descriptor list (10 ints per linear, kernels.gemv_desc).
+exl2cuda::GemvLinearDesc gemv_desc_of(const std::vector<int64_t>& d, size_t i) {
+    return {ptr<const int32_t>((P)d[i]), ptr<const int32_t>((P)d[i + 1]), ptr<const int32_t>((P)d[i + 2]),
+            ptr<const int32_t>((P)d[i + 3]), ptr<void>((P)d[i + 4]), d[i + 5], d[i + 6], d[i + 7], (int)d[i + 8],
+            ptr<const uint8_t>((P)d[i + 9])};
+}
 }  // namespace
 
 void register_cuda(py::module_& m) {
@@ -111,41 +118,48 @@ void register_cuda(py::module_& m) {
         return py::dict(py::arg("W") = p.W, py::arg("NT") = p.NT, py::arg("ks") = p.ks, py::arg("kw") = p.kw,
                         py::arg("smem") = p.smem, py::arg("blocks") = p.blocks);
     });
+    // The decode-sized kernel's K split of units of these widths (gemv_plan.h's gemv_split, host code:
+    // no GPU needed) over ks splits with fixed part cost_c (negative: equal unit counts): ks + 1 bounds.
+    m.def("gemv_split", [](const std::vector<uint8_t>& bits, int ks, int cost_c) {
+        if (ks < 1 || ks > exl2cuda::GV_MAX_KS) throw std::invalid_argument("gemv_split: ks is 1..16");
+        exl2cuda::GemvShape s{0, (int64_t)bits.size(), 8, bits.data(), cost_c};
+        std::vector<int32_t> out(ks + 1);
+        exl2cuda::gemv_split(s, ks, out.data());
+        return out;
+    });
+    m.attr("gemv_cost_c") = exl2cuda::GV_COST_C;
     // The decode-sized kernel (M <= 32, sm_90) with the per-unit tables of kernels.unit_tables;
     // returns False when it does not apply. warps (2 or 4, 0 = default), k_splits (1..16, 0 = choose)
     // and k_warps (warps along K: 1, 2, 4; 0 = choose) are for benchmarks/kernels.py.
     m.def("exl2_matmul_gemv", [](P x, P qw, P qs, P umeta, P uperm, P y, int64_t M, int64_t K, int64_t N,
-                                 int64_t n_pad, int64_t U, int max_bits, int warps, int k_splits, int k_warps,
-                                 P stream) {
+                                 int64_t n_pad, int64_t U, int max_bits, P unit_bits, int warps, int k_splits,
+                                 int k_warps, P stream) {
         return exl2cuda::exl2_matmul_gemv(ptr<const void>(x), ptr<const int32_t>(qw), ptr<const int32_t>(qs),
                                           ptr<const int32_t>(umeta), ptr<const int32_t>(uperm), ptr<void>(y), M, K,
-                                          N, n_pad, U, max_bits, stream, exl2cuda::device_sm_count(),
+                                          N, n_pad, U, max_bits, ptr<const uint8_t>(unit_bits), stream,
+                                          exl2cuda::device_sm_count(),
                                           exl2cuda::device_cc_major(), exl2cuda::device_smem_optin(), warps,
                                           k_splits, k_warps);
     }, nogil);
-    // Several linears reading the same x in one launch (q, k, v; gate, up): `desc` holds 9 ints per
-    // linear (q_weight, q_scale, unit_meta, unit_perm, y, N, n_pad, U, max_bits); false: not launched.
+    // Several linears reading the same x in one launch (q, k, v; gate, up): `desc` holds 10 ints per
+    // linear (q_weight, q_scale, unit_meta, unit_perm, y, N, n_pad, U, max_bits, unit_bits: a host
+    // pointer or 0); false: not launched.
     m.def("exl2_matmul_gemv_group", [](P x, std::vector<int64_t> desc, int64_t M, int64_t K, int warps,
                                        int k_splits, int k_warps, P stream) {
-        if (desc.size() % 9 || desc.size() > 27) throw std::invalid_argument("exl2_matmul_gemv_group: 9 ints per linear, 1-3 linears");
+        if (desc.size() % 10 || desc.size() > 30) throw std::invalid_argument("exl2_matmul_gemv_group: 10 ints per linear, 1-3 linears");
         std::vector<exl2cuda::GemvLinearDesc> lins;
-        for (size_t i = 0; i < desc.size(); i += 9)
-            lins.push_back({ptr<const int32_t>((P)desc[i]), ptr<const int32_t>((P)desc[i + 1]),
-                            ptr<const int32_t>((P)desc[i + 2]), ptr<const int32_t>((P)desc[i + 3]),
-                            ptr<void>((P)desc[i + 4]), desc[i + 5], desc[i + 6], desc[i + 7], (int)desc[i + 8]});
+        for (size_t i = 0; i < desc.size(); i += 10) lins.push_back(gemv_desc_of(desc, i));
         py::gil_scoped_release release;
         return exl2cuda::exl2_matmul_gemv_group(ptr<const void>(x), lins.data(), (int)lins.size(), M, K, stream,
                                                 exl2cuda::device_sm_count(), exl2cuda::device_cc_major(),
                                                 exl2cuda::device_smem_optin(), warps, k_splits, k_warps);
     });
     // The SwiGLU MLP's down projection: y = (silu(gate) * up) @ W in one launch of the decode-sized
-    // kernel, silu(gate) * up computed as x is staged (silu_mul's roundings). `desc`: 9 ints of one
+    // kernel, silu(gate) * up computed as x is staged (silu_mul's roundings). `desc`: 10 ints of one
     // linear, as above; false: not launched.
     m.def("exl2_matmul_gemv_swiglu", [](P gate, P up, std::vector<int64_t> desc, int64_t M, int64_t K, P stream) {
-        if (desc.size() != 9) throw std::invalid_argument("exl2_matmul_gemv_swiglu: 9 ints for one linear");
-        const exl2cuda::GemvLinearDesc d{ptr<const int32_t>((P)desc[0]), ptr<const int32_t>((P)desc[1]),
-                                         ptr<const int32_t>((P)desc[2]), ptr<const int32_t>((P)desc[3]),
-                                         ptr<void>((P)desc[4]), desc[5], desc[6], desc[7], (int)desc[8]};
+        if (desc.size() != 10) throw std::invalid_argument("exl2_matmul_gemv_swiglu: 10 ints for one linear");
+        const exl2cuda::GemvLinearDesc d = gemv_desc_of(desc, 0);
         py::gil_scoped_release release;
         return exl2cuda::exl2_matmul_gemv_group(ptr<const void>(gate), &d, 1, M, K, stream,
                                                 exl2cuda::device_sm_count(), exl2cuda::device_cc_major(),

@@ -14,13 +14,55 @@ constexpr int GV_STAGES = 6;       // ring depth per warp
 constexpr int GV_MAX_KS = 16;      // cluster size limit on sm_90 (non-portable above 8)
 constexpr int GV_MAX_M = 32;       // tokens: up to 4 tiles of 8 in the mma's n dimension
 constexpr int GV_MAX_LINEARS = 3;  // linears of one launch (q, k, v)
+constexpr int GV_COST_C = 5;        // gemv_split's fixed part of a unit, in bits (its comment)
 constexpr int GV_PROBE_BLOCKS = 8192, GV_PROBE_SLOTS = 8;  // the diagnostic build's phase stamps
 
-// What the plan needs of one linear: padded columns, 32-row units, largest bit width.
+// What the plan needs of one linear: padded columns, 32-row units, largest bit width; for a linear
+// of several widths, each unit's width (host memory, U entries; null: one width) and the split's
+// cost constant (gemv_split).
 struct GemvShape {
     int64_t n_pad, U;
     int max_bits;
+    const uint8_t* unit_bits = nullptr;
+    int cost_c = -1;
 };
+
+// The K split: split r (0..ks-1) takes units [out[r], out[r + 1]), out holding ks + 1 entries.
+// Where the units differ in width (unit_bits) and cost_c >= 0, the splits take equal shares of
+// sum(bits + cost_c) instead of equal unit counts: a unit's time in the loop is its bytes plus a
+// fixed part (the decode, the mma, the bookkeeping). H100, session 12 (benchmarks/RESULTS.md): the
+// K splits holding 3-bit units ran 15 % longer than those holding as many 2-bit ones, i.e. a fixed
+// part of ~5 bits' worth. Every split keeps at least one unit while U >= ks; the result is the same
+// on every call (the partial sums are still added in rank order).
+inline void gemv_split(const GemvShape& s, int ks, int32_t* out) {
+    const int64_t U = s.U;
+    for (int r = 0; r <= ks; ++r) out[r] = (int32_t)(U * r / ks);
+    if (!s.unit_bits || s.cost_c < 0 || ks <= 1) return;
+    int64_t total = 0;
+    for (int64_t u = 0; u < U; ++u) total += s.unit_bits[u] + s.cost_c;
+    int64_t u = 0, acc = 0;
+    for (int r = 1; r < ks; ++r) {
+        const int64_t target = total * r / ks;
+        // the boundary nearest the target share
+        while (u < U && acc + (s.unit_bits[u] + s.cost_c) <= target) acc += s.unit_bits[u++] + s.cost_c;
+        int64_t b = u;
+        if (u < U && target - acc > acc + s.unit_bits[u] + s.cost_c - target) b = u + 1;
+        if (U >= ks) b = std::max<int64_t>(b, out[r - 1] + 1), b = std::min<int64_t>(b, U - (ks - r));
+        b = std::max<int64_t>(b, out[r - 1]);
+        out[r] = (int32_t)b;
+    }
+    out[ks] = (int32_t)U;
+}
+
+// The most units any split of gemv_split holds.
+inline int64_t gemv_split_max(const GemvShape& s, int ks) {
+    int32_t b[GV_MAX_KS + 1];
+    if (ks < 1 || ks > GV_MAX_KS) return 0;
+    gemv_split(s, ks, b);
+    int64_t m = 0;
+    for (int r = 0; r < ks; ++r) m = std::max<int64_t>(m, b[r + 1] - b[r]);
+    return m;
+}
 
 // The device's figures (cudaDevAttr...: multiprocessors, shared memory per block opt-in, per SM,
 // reserved per block).
@@ -45,7 +87,7 @@ inline int64_t gemv_col_blocks(int64_t n_pad, int tiles_per_block) {
 // Shared memory of a block of a linear (stages, x, unit_meta with its spare entries, sum(x) terms,
 // partial sums) at k K splits.
 inline size_t gemv_smem(const GemvShape& s, int64_t M, int W, int NT, int k) {
-    const int64_t nu_max = gemv_cdiv(s.U, k);
+    const int64_t nu_max = gemv_split_max(s, k);
     const int64_t xs_bytes = gemv_cdiv(nu_max * M * 32 * 2, 16) * 16;
     const int64_t stage_words = s.max_bits * GV_ROW_WORDS + 8;
     return (size_t)((int64_t)W * GV_STAGES * stage_words * 4 + xs_bytes + (nu_max + GV_STAGES) * 16 +

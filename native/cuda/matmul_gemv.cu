@@ -319,6 +319,7 @@ struct GemvLinear {
     const int32_t* uperm;
     __half* y;
     int N, n_pad, U, nu_max, stage_words;
+    int split[GV_MAX_KS + 1];  // K split r takes units [split[r], split[r + 1]) (gemv_split)
 };
 
 struct GemvArgs {
@@ -340,7 +341,7 @@ struct GemvArgs {
 // SWIGLU: x is silu(a.x) * a.xu (its own instantiation: the activation adds ~800 instructions to the
 // x staging, which every other product would carry).
 template <int W, int NT, bool SWIGLU = false>
-__global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const GemvArgs a) {
+__global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const __grid_constant__ GemvArgs a) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     GV_STAMP(0);
     GV_STAMP(2);
@@ -351,13 +352,12 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const Ge
     const int4* umeta = GV_PICK(l, umeta);
     const int32_t* uperm = GV_PICK(l, uperm);
     __half* y = GV_PICK(l, y);
-    const int N = GV_PICK(l, N), n_pad = GV_PICK(l, n_pad), U = GV_PICK(l, U), nu_max = GV_PICK(l, nu_max);
+    const int N = GV_PICK(l, N), n_pad = GV_PICK(l, n_pad), nu_max = GV_PICK(l, nu_max);
     const int stage_words = GV_PICK(l, stage_words);
     const int rank = blockIdx.y;
-    // 32-bit: a 64-bit division is a ~100-instruction call at the head of every block (the host
-    // admits U * ks < 2^31).
-    const int ub = (int)((unsigned)U * (unsigned)rank / (unsigned)a.ks);
-    const int ue = (int)((unsigned)U * (unsigned)(rank + 1) / (unsigned)a.ks);
+    // The host's K split (a __grid_constant__ parameter: indexed in place, no local copy).
+    const int ub = l == 0 ? a.lin[0].split[rank] : l == 1 ? a.lin[1].split[rank] : a.lin[2].split[rank];
+    const int ue = l == 0 ? a.lin[0].split[rank + 1] : l == 1 ? a.lin[1].split[rank + 1] : a.lin[2].split[rank + 1];
     const int nu = ue - ub;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t = lane & 3;
     // kw is 1, 2 or 4: shifts, not integer divisions (~20 instructions each, some per staged unit)
@@ -566,6 +566,16 @@ void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
 
 }  // namespace
 
+// gemv_split's fixed part per unit, in bits (GemvShape::cost_c) for linears of several widths;
+// EXL2BUILD_GEMV_COST_C overrides it for A/B timings (a negative value: equal unit counts).
+int gemv_cost_c() {
+    static const int c = [] {
+        const char* e = std::getenv("EXL2BUILD_GEMV_COST_C");
+        return e ? std::atoi(e) : GV_COST_C;
+    }();
+    return c;
+}
+
 #ifdef EXL2BUILD_PHASE_PROBE
 void gemv_phase_copy(void* dst, bool clear, uintptr_t stream) {
     const cudaStream_t st = as_stream(stream);
@@ -592,7 +602,7 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
         if (reinterpret_cast<uintptr_t>(d.q_weight) % 16 || reinterpret_cast<uintptr_t>(d.q_scale) % 16 ||
             reinterpret_cast<uintptr_t>(d.unit_meta) % 16)
             return false;
-        shapes[l] = {d.n_pad, d.U, d.max_bits};
+        shapes[l] = {d.n_pad, d.U, d.max_bits, d.unit_bits, d.unit_bits ? gemv_cost_c() : -1};
     }
     const GemvPlan plan = gemv_plan(shapes, count, M, {sms, smem_optin, device_smem_per_sm(), device_smem_reserved()},
                                     warps, k_splits, k_warps);
@@ -619,7 +629,8 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
             g.N = (int)d.N;
             g.n_pad = (int)d.n_pad;
             g.U = (int)d.U;
-            g.nu_max = (int)cdiv(d.U, ks);
+            gemv_split(shapes[l], ks, g.split);
+            g.nu_max = (int)gemv_split_max(shapes[l], ks);
             g.stage_words = d.max_bits * GV_ROW_WORDS + 8;
             blocks += (int)gemv_col_blocks(d.n_pad, W / kw);
         }
@@ -640,9 +651,9 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
 
 bool exl2_matmul_gemv(const void* x, const int32_t* q_weight, const int32_t* q_scale, const int32_t* unit_meta,
                       const int32_t* unit_perm, void* y, int64_t M, int64_t K, int64_t N, int64_t n_pad, int64_t U,
-                      int max_bits, uintptr_t stream, int sms, int cc_major, int smem_optin, int warps,
-                      int k_splits, int k_warps) {
-    const GemvLinearDesc d{q_weight, q_scale, unit_meta, unit_perm, y, N, n_pad, U, max_bits};
+                      int max_bits, const uint8_t* unit_bits, uintptr_t stream, int sms, int cc_major,
+                      int smem_optin, int warps, int k_splits, int k_warps) {
+    const GemvLinearDesc d{q_weight, q_scale, unit_meta, unit_perm, y, N, n_pad, U, max_bits, unit_bits};
     return exl2_matmul_gemv_group(x, &d, 1, M, K, stream, sms, cc_major, smem_optin, warps, k_splits, k_warps);
 }
 
