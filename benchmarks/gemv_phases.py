@@ -80,16 +80,28 @@ def slow_blocks(runs: list[torch.Tensor], gx: int, top: int = 8) -> dict:
     return {"corr": corr, "slowest": [(i % gx, i // gx, sm[i], times[0][i], [t[i] for t in times[1:]]) for i in worst]}
 
 
+def arrival_on_sm(st: torch.Tensor) -> torch.Tensor:
+    """Each block's place in the order its SM started the launch's blocks (0: first), by the SM clock
+    at entry (one clock per SM, so comparable within an SM)."""
+    sm, entry = st[:, 7].long(), st[:, 2]
+    order = torch.empty_like(sm)
+    for s in torch.unique(sm):
+        idx = torch.nonzero(sm == s).flatten()
+        order[idx[torch.argsort(entry[idx])]] = torch.arange(len(idx))
+    return order
+
+
 def loop_spread(st: torch.Tensor, gx: int) -> dict:
     """The unit loop's median duration (us) over the blocks grouped by how many blocks of the launch
-    ran on their SM, and grouped by K split (rank): tells an uneven spread of blocks over the SMs
-    from uneven work per K split."""
+    ran on their SM, by K split (rank), and by the block's arrival on its SM: tells an uneven spread
+    of blocks over the SMs from uneven work per K split, and both from an SM favouring the warps it
+    started first."""
     loop = loop_us(st)
     sm = st[:, 7].long()
     on_sm = torch.bincount(sm)[sm]
     rank = st[:, 8] // gx
     out = {}
-    for name, key in (("blocks on its SM", on_sm), ("K split", rank)):
+    for name, key in (("blocks on its SM", on_sm), ("K split", rank), ("arrival on its SM", arrival_on_sm(st))):
         out[name] = {int(k): (float(loop[key == k].median()), int((key == k).sum())) for k in torch.unique(key)}
     return out
 

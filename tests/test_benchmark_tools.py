@@ -84,6 +84,21 @@ def test_gemv_phases_spreads_the_unit_loop_by_sm_load_and_k_split():
     assert out["K split"] == {0: (pytest.approx(1.0), 4), 1: (pytest.approx(2.5), 4)}
 
 
+def test_gemv_phases_orders_the_blocks_by_arrival_on_their_sm():
+    """gemv_phases.arrival_on_sm: a block's place among its SM's blocks by the SM clock at entry, and
+    loop_spread's grouping by it."""
+    import torch
+    phases = load("gemv_phases")
+    # (SM, entry clock, loop ns): SM 0 starts blocks 2, 0, 1 in that order; SM 1 blocks 4, 3.
+    blocks = [(0, 50, 1000), (0, 90, 1200), (0, 10, 800), (1, 70, 1100), (1, 20, 900)]
+    rows = [[0, 300 + loop, e, e + 100, e + 200, e + 200 + loop, e + 300 + loop, sm, b]
+            for b, (sm, e, loop) in enumerate(blocks)]
+    st = torch.tensor(rows, dtype=torch.int64)
+    assert phases.arrival_on_sm(st).tolist() == [1, 2, 0, 1, 0]
+    out = phases.loop_spread(st, gx=5)["arrival on its SM"]
+    assert out == {0: (pytest.approx(0.8), 2), 1: (pytest.approx(1.0), 2), 2: (pytest.approx(1.2), 1)}
+
+
 def test_gemv_phases_names_the_blocks_slow_in_every_run():
     """gemv_phases.slow_blocks: the run-to-run correlation of the blocks' loop times, and the slowest
     blocks of the first run with their times in the others."""

@@ -258,6 +258,11 @@ def test_unit_tables_describe_every_row_once(K, N, layout):
                 # bits 24-26: log2 of the pair factor of slot position pos (pair (pos // 2) % 4)
                 assert 1 << (entry >> 24) == PAIR_FACTOR[bits][(pos >> 1) & 3][pos & 1]
     assert sorted(seen) == list(range(K))
+    # the unit widths, for the launcher's K split: host memory, and only where the widths differ
+    if len({bits for _, bits, *_ in units}) > 1:
+        assert widths.device.type == "cpu" and widths.tolist() == [bits for _, bits, *_ in units]
+    else:
+        assert widths is None
 
 
 @pytest.mark.skipif(not getattr(_native, "built_with_cuda", False), reason="the CUDA decoders are not built")
@@ -484,3 +489,44 @@ def test_gemv_plan_declines():
     assert _plan(one, 1, k_splits=3)["ks"] == 3               # explicit choices are kept
     with pytest.raises(ValueError, match="1 to 3 linears"):
         _plan(one * 4, 1)
+
+
+needs_cuda_build = pytest.mark.skipif(not getattr(_native, "built_with_cuda", False),
+                                      reason="the CUDA launchers are not built")
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("ks", [1, 2, 3, 4, 8, 12, 16])
+@pytest.mark.parametrize("widths", [[3] * 64 + [2] * 64, [6] * 5 + [4] * 100 + [3] * 23, [2] * 10 + [8] * 3, [4] * 40])
+def test_gemv_split_balances_unit_costs(ks, widths):
+    """The decode-sized kernel's K split (gemv_plan.h gemv_split, host code): contiguous, covering,
+    no split empty while there are units for all; by cost (bits + C) within one unit's cost of the
+    equal share; equal unit counts with a negative C (and for one width either way)."""
+    C = _native.cuda.gemv_cost_c
+    U = len(widths)
+    b = _native.cuda.gemv_split(widths, ks, C)
+    assert b[0] == 0 and b[-1] == U and len(b) == ks + 1
+    assert all(lo < hi for lo, hi in zip(b, b[1:])) if U >= ks else all(lo <= hi for lo, hi in zip(b, b[1:]))
+    uniform = [U * r // ks for r in range(ks + 1)]
+    assert _native.cuda.gemv_split(widths, ks, -1) == uniform
+    if len(set(widths)) == 1:
+        assert b == uniform
+        return
+    cost = [w + C for w in widths]
+    share = sum(cost) / ks
+    for r in range(ks):
+        assert abs(sum(cost[b[r]:b[r + 1]]) - share) <= max(cost) + 1e-9
+    # no worse than equal unit counts at the most expensive split
+    worst = lambda bounds: max(sum(cost[bounds[r]:bounds[r + 1]]) for r in range(ks))  # noqa: E731
+    assert worst(b) <= worst(uniform)
+
+
+@needs_cuda_build
+def test_gemv_split_weights_3_bit_above_2_bit():
+    """Half 3-bit then half 2-bit units (the 2.5 bpw layout of benchmarks/kernels.py) over 4 splits:
+    the 3-bit splits get fewer units, the 2-bit ones more."""
+    b = _native.cuda.gemv_split([3] * 128 + [2] * 128, 4, _native.cuda.gemv_cost_c)
+    counts = [hi - lo for lo, hi in zip(b, b[1:])]
+    assert counts[0] < 64 and counts[3] > 64 and sum(counts) == 256
+    with pytest.raises(ValueError, match="ks"):
+        _native.cuda.gemv_split([4] * 8, 17, 5)

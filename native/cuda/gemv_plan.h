@@ -43,10 +43,9 @@ inline void gemv_split(const GemvShape& s, int ks, int32_t* out) {
     int64_t u = 0, acc = 0;
     for (int r = 1; r < ks; ++r) {
         const int64_t target = total * r / ks;
-        // the boundary nearest the target share
+        // the last boundary at or below the target share (for one width: U * r / ks, as above)
         while (u < U && acc + (s.unit_bits[u] + s.cost_c) <= target) acc += s.unit_bits[u++] + s.cost_c;
         int64_t b = u;
-        if (u < U && target - acc > acc + s.unit_bits[u] + s.cost_c - target) b = u + 1;
         if (U >= ks) b = std::max<int64_t>(b, out[r - 1] + 1), b = std::min<int64_t>(b, U - (ks - r));
         b = std::max<int64_t>(b, out[r - 1]);
         out[r] = (int32_t)b;
