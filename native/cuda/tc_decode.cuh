@@ -47,16 +47,6 @@ __device__ __forceinline__ uint32_t select_bits(uint32_t a, uint32_t b) {
     return d;
 }
 
-// a >> S as the high word of a * 2^(32 - S): an integer multiply, which runs on the FMA pipe where a
-// shift would take an integer ALU slot. The factor goes through an empty asm so that the compiler
-// cannot turn the multiply back into a shift.
-template <int S>
-__device__ __forceinline__ uint32_t shr_fma(uint32_t a) {
-    uint32_t m = 1u << (32 - S);
-    asm("" : "+r"(m));
-    return __umulhi(a, m);
-}
-
 // 2 bits: v holds codes 0..3 at bits 0..7 and 4..7 at bits 16..23 (byte 0 of the window copied to
 // byte 0, byte 1 to byte 2); pair r at bits 2r of each half.
 __device__ __forceinline__ void pairs_2bit(uint32_t v, uint32_t (&P)[4]) {
@@ -88,7 +78,7 @@ __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t 
         P[0] = and_or<0x00070070u>(lo << 4, magic);
         P[1] = and_or<0x00070070u>(lo << 1, magic);
         P[2] = and_or<0x001C01C0u>(lo, magic);
-        P[3] = and_or<0x00070070u>(shr_fma<5>(lo), magic);
+        P[3] = and_or<0x00070070u>(lo >> 5, magic);
     } else if constexpr (B == 5 || B == 6) {
         // Codes 0..3 at bits 0..4B-1 of the window, 4..7 at 4B..8B-1 (into hi): b4 holds 4..7 from
         // bit 0. v1 = low halves of lo and b4 (codes 0, 1 and, at 5 bits, 2); v2 = their bits
