@@ -194,13 +194,6 @@ __device__ __forceinline__ LaneRead lane_read(int t, int gid, unsigned sc_off) {
     return r;
 }
 
-// v = the 16 bytes at shared address a where p; else v keeps its value (no register is rewritten).
-__device__ __forceinline__ void lds128_if(uint4& v, unsigned a, bool p) {
-    asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %5, 0;\n@q ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-                 : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
-                 : "r"(a), "r"((int)p));
-}
-
 // The lane's words of the unit staged at shared address stage. A lane whose 8 codes lie in one word
 // row (lr.two false: fixed per lane) never loads row j0 + 1: its st.w[1] keeps the zeros it started
 // with (run_units), and no width's decoding reads those bits then (3 bits: the funnel shift brings
@@ -209,8 +202,10 @@ __device__ __forceinline__ void read_stage(Stage& st, unsigned stage, const Lane
     const unsigned a = stage + lr.words;
     st.w[0][0] = lds128(a);
     st.w[0][1] = lds128(a + 128u);
-    lds128_if(st.w[1][0], a + 4u * GV_ROW_WORDS, lr.two);
-    lds128_if(st.w[1][1], a + 4u * GV_ROW_WORDS + 128u, lr.two);
+    if (lr.two) {  // known at compile time for every width but 3
+        st.w[1][0] = lds128(a + 4u * GV_ROW_WORDS);
+        st.w[1][1] = lds128(a + 4u * GV_ROW_WORDS + 128u);
+    }
 }
 
 // The lane's two q_scale words, staged with a group's last unit.
@@ -291,7 +286,8 @@ __device__ __forceinline__ int run_units(int u, int nu, const int4* ums, const f
         cp_async_commit();
         read_stage(st, ring.cur, lr);
 #pragma unroll
-        for (int tau = 0; tau < NT; ++tau) lds128_if(xb[tau], xa + 512u * tau, (lx.tiles >> tau) & 1);
+        for (int tau = 0; tau < NT; ++tau)
+            if ((lx.tiles >> tau) & 1) xb[tau] = lds128(xa + 512u * tau);
         xa += lx.stride;
         mma_unit<B, NT, false>(st, t, xb, tmp);
         if (um_last(um)) {
