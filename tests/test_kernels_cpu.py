@@ -219,7 +219,7 @@ def test_exl2_matmul_zero_rows():
 
 # pair_factor of native/cuda/tc_decode.cuh: where the CUDA decoders leave code r (low half) and code
 # r + 4 (high half) of each pair (1024 + F * q), (low, high) for pairs 0..3.
-PAIR_FACTOR = {2: ((1, 1), (4, 4), (16, 16), (64, 64)), 3: ((16, 1), (16, 1), (64, 4), (16, 1)),
+PAIR_FACTOR = {2: ((1, 1), (4, 4), (16, 16), (64, 64)), 3: ((1, 1), (8, 8), (64, 64), (8, 8)),
                4: ((1, 1), (16, 16), (1, 1), (16, 16)), 5: ((1, 1), (32, 32), (1, 1), (1, 1)),
                6: ((1, 1), (1, 1), (16, 16), (1, 1)), 8: ((1, 1),) * 4}
 

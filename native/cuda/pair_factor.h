@@ -17,7 +17,7 @@ __host__ __device__
 #endif
 constexpr uint32_t pair_factor(int r, int h) {
     if constexpr (B == 2) return 1u << (2 * r);
-    if constexpr (B == 3) return r == 2 ? (h ? 4u : 64u) : (h ? 1u : 16u);
+    if constexpr (B == 3) return r == 0 ? 1u : r == 2 ? 64u : 8u;
     if constexpr (B == 4) return (r & 1) ? 16u : 1u;
     if constexpr (B == 5) return r == 1 ? 32u : 1u;
     if constexpr (B == 6) return r == 2 ? 16u : 1u;

@@ -64,21 +64,19 @@ __device__ __forceinline__ void pairs_2bit(uint32_t v, uint32_t (&P)[4]) {
 // Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + F * code,
 // from the 64-bit window (hi:lo) that starts at the lane's first code. Each pair is one LOP3 (the
 // mask, and the fp16 exponent OR-ed in) of a register where code r lies in the low half and code
-// r + 4 in the high half, both clear of the exponent bits (10..14 of each half). The integer ALU
-// pipe (LOP3, shifts, byte permutes) is what the decode-sized kernel's unit loop runs out of at 2
-// and 3 bits, so where a width needs shifted copies of the window they are multiplies (the FMA
-// pipe) wherever the compiler lets them be.
+// r + 4 in the high half, both clear of the exponent bits (10..14 of each half). The two halves of a
+// pair may sit at different bits (pair_factor's h); no width here uses that today (3 bits with
+// shifted copies of the window, one LOP3 per pair, did: benchmarks/results/2026-12-07-s13/).
 template <int B>
 __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t (&P)[4]) {
     const uint32_t magic = 0x64006400u;
     if constexpr (B == 3) {
-        // Code i at bits 3i of lo. Codes (0, 4) sit at bits (4, 16) of lo << 4, (1, 5) at (4, 16) of
-        // lo << 1, (2, 6) at (6, 18) of lo itself, (3, 7) at (4, 16) of lo >> 5: one shift per pair,
-        // no gather (factors 16 and 1, or 64 and 4 for pair 2).
-        P[0] = and_or<0x00070070u>(lo << 4, magic);
-        P[1] = and_or<0x00070070u>(lo << 1, magic);
-        P[2] = and_or<0x001C01C0u>(lo, magic);
-        P[3] = and_or<0x00070070u>(lo >> 5, magic);
+        // Codes 0..3 at bits 0..11 of lo, 4..7 at 12..23: move 4..7 up by 4 bits (to 16..27).
+        const uint32_t v = select_bits<0x00000FFFu>(lo, lo << 4);
+        P[0] = and_or<0x00070007u>(v, magic);
+        P[1] = and_or<0x00380038u>(v, magic);
+        P[2] = and_or<0x01C001C0u>(v, magic);
+        P[3] = and_or<0x00380038u>(v >> 6, magic);
     } else if constexpr (B == 5 || B == 6) {
         // Codes 0..3 at bits 0..4B-1 of the window, 4..7 at 4B..8B-1 (into hi): b4 holds 4..7 from
         // bit 0. v1 = low halves of lo and b4 (codes 0, 1 and, at 5 bits, 2); v2 = their bits
