@@ -57,16 +57,15 @@ __device__ __forceinline__ void pairs_2bit(uint32_t v, uint32_t (&P)[4]) {
     P[3] = and_or<0x00C000C0u>(v, magic);
 }
 
-// decode_pairs leaves code r of each pair at 1024 + F * code, F = pair_factor<B>(r, half)
+// decode_pairs leaves code r of each pair at 1024 + F * code, F = pair_factor<B>(r)
 // (pair_factor.h). Callers divide by F: center() in its fused multiply-add, the decode-sized matmul
-// by staging x's K slots as x / F (exact for normal fp16 values).
+// by staging x's K slots of pair r as x / F (exact for normal fp16 values).
 
-// Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + F * code,
-// from the 64-bit window (hi:lo) that starts at the lane's first code. Each pair is one LOP3 (the
-// mask, and the fp16 exponent OR-ed in) of a register where code r lies in the low half and code
-// r + 4 in the high half, both clear of the exponent bits (10..14 of each half). The two halves of a
-// pair may sit at different bits (pair_factor's h); no width here uses that today (3 bits with
-// shifted copies of the window, one LOP3 per pair, did: benchmarks/results/2026-12-07-s13/).
+// Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + F_r * code,
+// from the 64-bit window (hi:lo) that starts at the lane's first code. Each width first gathers
+// its codes so that codes r and r + 4 lie 16 bits apart in one register; then a pair is a LOP3
+// (the mask, and the fp16 exponent OR-ed in), with a shift only where the code would reach the
+// exponent bits (10..14) in place.
 template <int B>
 __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t (&P)[4]) {
     const uint32_t magic = 0x64006400u;
@@ -117,19 +116,17 @@ __host__ __device__ constexpr uint32_t half_bits(uint32_t v) {
     return (uint32_t)(15 + e) << 10 | ((v << (10 - e)) & 0x3FFu);
 }
 
-// Pair r as decode_pairs leaves it (1024 + F * q per half) -> q - 2^(B-1), exactly: one fused
-// multiply-add by 1 / F (a power of two, per half) and -(1024 / F + 2^(B-1)), or a subtraction
-// where F = 1 in both halves.
+// Pair r as decode_pairs leaves it (1024 + F * q) -> q - 2^(B-1), exactly: one fused multiply-add
+// by 1 / F (a power of two) and -(1024 / F + 2^(B-1)), or a subtraction where F = 1.
 template <int B, int R>
 __device__ __forceinline__ uint32_t center(uint32_t p) {
-    constexpr uint32_t F0 = pair_factor<B>(R, 0), F1 = pair_factor<B>(R, 1);
-    constexpr uint32_t bias = half_bits(1024u / F0 + (1u << (B - 1))) | half_bits(1024u / F1 + (1u << (B - 1))) << 16;
+    constexpr uint32_t F = pair_factor<B>(R);
+    constexpr uint32_t bias = half_bits(1024u / F + (1u << (B - 1))) * 0x10001u;
     __half2 r;
-    if constexpr (F0 == 1 && F1 == 1) {
+    if constexpr (F == 1) {
         r = __hsub2(*reinterpret_cast<const __half2*>(&p), *reinterpret_cast<const __half2*>(&bias));
     } else {
-        constexpr uint32_t inv2 = (half_bits(1u) - ((uint32_t)__builtin_ctz(F0) << 10)) |
-                                  (half_bits(1u) - ((uint32_t)__builtin_ctz(F1) << 10)) << 16;
+        constexpr uint32_t inv = half_bits(1u) - ((uint32_t)__builtin_ctz(F) << 10), inv2 = inv * 0x10001u;
         constexpr uint32_t nbias = bias | 0x80008000u;
         r = __hfma2(*reinterpret_cast<const __half2*>(&p), *reinterpret_cast<const __half2*>(&inv2),
                     *reinterpret_cast<const __half2*>(&nbias));
