@@ -27,40 +27,45 @@ struct GemvShape {
     int cost_c = -1;
 };
 
-// The K split: split r (0..ks-1) takes units [out[r], out[r + 1]), out holding ks + 1 entries.
-// Where the units differ in width (unit_bits) and cost_c >= 0, the splits take equal shares of
-// sum(bits + cost_c) instead of equal unit counts: a unit's time in the loop is its bytes plus a
-// fixed part (the decode, the mma, the bookkeeping). H100, session 12 (benchmarks/RESULTS.md): the
-// K splits holding 3-bit units ran 15 % longer than those holding as many 2-bit ones, i.e. a fixed
-// part of ~5 bits' worth. Every split keeps at least one unit while U >= ks; the result is the same
-// on every call (the partial sums are still added in rank order).
-inline void gemv_split(const GemvShape& s, int ks, int32_t* out) {
+// gemv_split where the units differ in width: equal shares of sum(bits + cost_c). out holds the
+// equal-count bounds on entry (out[0] = 0, out[ks] = U).
+inline void gemv_split_by_cost(const GemvShape& s, int ks, int32_t* out) {
     const int64_t U = s.U;
-    for (int r = 0; r <= ks; ++r) out[r] = (int32_t)(U * r / ks);
-    if (!s.unit_bits || s.cost_c < 0 || ks <= 1) return;
     int64_t total = 0;
     for (int64_t u = 0; u < U; ++u) total += s.unit_bits[u] + s.cost_c;
     int64_t u = 0, acc = 0;
     for (int r = 1; r < ks; ++r) {
         const int64_t target = total * r / ks;
-        // the last boundary at or below the target share (for one width: U * r / ks, as above)
+        // the last boundary at or below the target share (for one width: U * r / ks, the equal counts)
         while (u < U && acc + (s.unit_bits[u] + s.cost_c) <= target) acc += s.unit_bits[u++] + s.cost_c;
         int64_t b = u;
         if (U >= ks) b = std::max<int64_t>(b, out[r - 1] + 1), b = std::min<int64_t>(b, U - (ks - r));
         b = std::max<int64_t>(b, out[r - 1]);
         out[r] = (int32_t)b;
     }
-    out[ks] = (int32_t)U;
+}
+
+// The K split: split r (0..ks-1) takes units [out[r], out[r + 1]), out holding ks + 1 entries.
+// Where the units differ in width (unit_bits) and cost_c >= 0, the splits take equal shares of
+// sum(bits + cost_c) instead of equal unit counts: a unit's time in the loop is its bytes plus a
+// fixed part (the decode, the mma, the bookkeeping). H100, session 12 (benchmarks/RESULTS.md): the
+// K splits holding 3-bit units ran 15 % longer than those holding as many 2-bit ones, i.e. a fixed
+// part of ~5 bits' worth. Every split keeps at least one unit while U >= ks; the result is the same
+// on every call (the partial sums are still added in rank order). Returns the most units a split
+// holds (the block's shared-memory layout).
+inline int64_t gemv_split(const GemvShape& s, int ks, int32_t* out) {
+    const int64_t U = s.U;
+    for (int r = 0; r <= ks; ++r) out[r] = (int32_t)(U * r / ks);
+    if (s.unit_bits && s.cost_c >= 0 && ks > 1) gemv_split_by_cost(s, ks, out);
+    int64_t m = 0;
+    for (int r = 0; r < ks; ++r) m = std::max<int64_t>(m, out[r + 1] - out[r]);
+    return m;
 }
 
 // The most units any split of gemv_split holds.
 inline int64_t gemv_split_max(const GemvShape& s, int ks) {
     int32_t b[GV_MAX_KS + 1];
-    if (ks < 1 || ks > GV_MAX_KS) return 0;
-    gemv_split(s, ks, b);
-    int64_t m = 0;
-    for (int r = 0; r < ks; ++r) m = std::max<int64_t>(m, b[r + 1] - b[r]);
-    return m;
+    return ks < 1 || ks > GV_MAX_KS ? 0 : gemv_split(s, ks, b);
 }
 
 // The device's figures (cudaDevAttr...: multiprocessors, shared memory per block opt-in, per SM,

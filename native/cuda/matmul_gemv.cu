@@ -314,7 +314,7 @@ struct GemvLinear {
     const int4* umeta;
     const int32_t* uperm;
     __half* y;
-    int N, n_pad, U, nu_max, stage_words;
+    int N, n_pad, nu_max, stage_words;
     int split[GV_MAX_KS + 1];  // K split r takes units [split[r], split[r + 1]) (gemv_split)
 };
 
@@ -557,8 +557,6 @@ void launch_gemv(const GemvArgs& a, unsigned gx, size_t smem, cudaStream_t st) {
     launch_k_split(kern, dim3(gx, (unsigned)a.ks, 1), W * 32, smem, st, a.ks, "exl2_matmul", pdl_enabled(), a);
 }
 
-}  // namespace
-
 // gemv_split's fixed part per unit, in bits (GemvShape::cost_c) for linears of several widths;
 // EXL2BUILD_GEMV_COST_C overrides it for A/B timings (a negative value: equal unit counts).
 int gemv_cost_c() {
@@ -568,6 +566,8 @@ int gemv_cost_c() {
     }();
     return c;
 }
+
+}  // namespace
 
 #ifdef EXL2BUILD_PHASE_PROBE
 void gemv_phase_copy(void* dst, bool clear, uintptr_t stream) {
@@ -621,9 +621,7 @@ bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count
             g.y = reinterpret_cast<__half*>(d.y);
             g.N = (int)d.N;
             g.n_pad = (int)d.n_pad;
-            g.U = (int)d.U;
-            gemv_split(shapes[l], ks, g.split);
-            g.nu_max = (int)gemv_split_max(shapes[l], ks);
+            g.nu_max = (int)gemv_split(shapes[l], ks, g.split);
             g.stage_words = d.max_bits * GV_ROW_WORDS + 8;
             blocks += (int)gemv_col_blocks(d.n_pad, W / kw);
         }

@@ -29,8 +29,6 @@ struct GemvLinearDesc {
     const uint8_t* unit_bits;  // host memory: each unit's width where they differ (the K split), else null
 };
 
-// The K split's fixed part per unit in bits (gemv_split; EXL2BUILD_GEMV_COST_C overrides it).
-int gemv_cost_c();
 // x_up (f16 [M, K], or null): the product's x is silu(x) * x_up instead, with silu_mul's roundings,
 // computed as x is staged (the SwiGLU MLP's down projection without a separate silu_mul launch).
 bool exl2_matmul_gemv_group(const void* x, const GemvLinearDesc* lins, int count, int64_t M, int64_t K,
