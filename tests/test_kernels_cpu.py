@@ -448,7 +448,11 @@ def _plan(lins, M, figures=H200, warps=0, k_splits=0, k_warps=0):
     return _native.cuda.gemv_plan(lins, M, *figures, warps, k_splits, k_warps)
 
 
-@pytest.mark.skipif(not getattr(_native, "built_with_cuda", False), reason="the CUDA launchers are not built")
+needs_cuda_build = pytest.mark.skipif(not getattr(_native, "built_with_cuda", False),
+                                      reason="the CUDA launchers are not built")
+
+
+@needs_cuda_build
 @pytest.mark.parametrize("lins, M, want", [
     # (n_pad, 32-row units, largest bit width) per linear; the choices behind benchmarks/RESULTS.md's sweeps
     ([(4096, 128, 4)], 1, dict(ks=12, kw=2)),    # 4096x4096: 2 warps along K over 12 splits (session 6)
@@ -472,7 +476,7 @@ def test_gemv_plan_choices(lins, M, want):
     assert plan["blocks"] == sum(cdiv(cdiv(n, 64), 4 // plan["kw"]) for n, _, _ in lins)  # 64 columns per warp
 
 
-@pytest.mark.skipif(not getattr(_native, "built_with_cuda", False), reason="the CUDA launchers are not built")
+@needs_cuda_build
 def test_gemv_plan_declines():
     """None where the kernel does not apply: the launcher then takes another kernel."""
     one = [(4096, 128, 4)]
@@ -483,10 +487,6 @@ def test_gemv_plan_declines():
     assert _plan(one, 1, k_splits=3)["ks"] == 3               # explicit choices are kept
     with pytest.raises(ValueError, match="1 to 3 linears"):
         _plan(one * 4, 1)
-
-
-needs_cuda_build = pytest.mark.skipif(not getattr(_native, "built_with_cuda", False),
-                                      reason="the CUDA launchers are not built")
 
 
 @needs_cuda_build

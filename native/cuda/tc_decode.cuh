@@ -99,13 +99,12 @@ __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t 
         P[1] = and_or<0x00F000F0u>(lo, magic);
         P[2] = and_or<0x000F000Fu>(h, magic);
         P[3] = and_or<0x00F000F0u>(h, magic);
-    } else if constexpr (B == 8) {
+    } else {
+        // 2 bits never come here: lane_pairs gathers them from the word itself (pairs_2bit).
+        static_assert(B == 8, "EXL2 bit widths: 2 (pairs_2bit), 3, 4, 5, 6, 8");
 #pragma unroll
         for (int r = 0; r < 4; ++r)
             P[r] = and_or<0x00FF00FFu>(__byte_perm(lo, hi, r | (r << 4) | ((4 + r) << 8) | ((4 + r) << 12)), magic);
-    } else {
-        static_assert(B == 2, "EXL2 bit widths: 2, 3, 4, 5, 6, 8");
-        pairs_2bit(__byte_perm(lo, 0u, 0x1100), P);
     }
 }
 
