@@ -266,13 +266,21 @@ def dequant(qt, dtype: torch.dtype = torch.float16) -> torch.Tensor:
 # pair r = rows (8t + r, 8t + r + 4) of lane t, stored as [t][pair][lo/hi] (tc_decode.cuh).
 _SLOT_POSITION = torch.tensor([(i >> 3) * 8 + (i & 3) * 2 + ((i >> 2) & 1) for i in range(32)])
 # log2 of the pair factor F of native/cuda/tc_decode.cuh (pair_factor): the decoders leave code r of a
-# pair at 1024 + F * q, so the decode-sized kernel stages x / F for the slots of pair r.
-_PAIR_LOG2 = {2: (0, 2, 4, 6), 3: (0, 3, 6, 3), 4: (0, 4, 0, 4), 5: (0, 5, 0, 0), 6: (0, 0, 4, 0), 8: (0, 0, 0, 0)}
+# pair (low half) and code r + 4 (high half) at 1024 + F * q, so the decode-sized kernel stages x / F
+# for each slot. Per bit width: (low, high) for pairs 0..3.
+_PAIR_LOG2 = {
+    2: ((0, 0), (2, 2), (4, 4), (6, 6)),
+    3: ((4, 0), (4, 0), (6, 2), (4, 0)),
+    4: ((0, 0), (4, 4), (0, 0), (4, 4)),
+    5: ((0, 0), (5, 5), (0, 0), (0, 0)),
+    6: ((0, 0), (0, 0), (4, 4), (0, 0)),
+    8: ((0, 0), (0, 0), (0, 0), (0, 0)),
+}
 UNIT_PERM_CHANNEL = 0xFFFFFF  # unit_perm entries: channel | log2(F) << 24 (-1: past a short unit's rows)
-# [bits][slot position] -> log2(F); slot position p of a unit is in pair (p // 2) % 4.
+# [bits][slot position] -> log2(F); slot position p of a unit is half p % 2 of pair (p // 2) % 4.
 _SLOT_LOG2 = torch.zeros(9, 32, dtype=torch.int64)
 for _b, _l2 in _PAIR_LOG2.items():
-    _SLOT_LOG2[_b] = torch.tensor([_l2[(p >> 1) & 3] for p in range(32)])
+    _SLOT_LOG2[_b] = torch.tensor([_l2[(p >> 1) & 3][p & 1] for p in range(32)])
 
 
 def unit_tables(qt) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None:

@@ -217,8 +217,11 @@ def test_exl2_matmul_zero_rows():
     assert kernels.exl2_matmul(torch.zeros(0, 64), qt).shape == (0, 32)
 
 
-# pair_factor of native/cuda/tc_decode.cuh: where the CUDA decoders leave code r of each pair (1024 + F * q).
-PAIR_FACTOR = {2: (1, 4, 16, 64), 3: (1, 8, 64, 8), 4: (1, 16, 1, 16), 5: (1, 32, 1, 1), 6: (1, 1, 16, 1), 8: (1, 1, 1, 1)}
+# pair_factor of native/cuda/tc_decode.cuh: where the CUDA decoders leave code r (low half) and code
+# r + 4 (high half) of each pair (1024 + F * q), (low, high) for pairs 0..3.
+PAIR_FACTOR = {2: ((1, 1), (4, 4), (16, 16), (64, 64)), 3: ((16, 1), (16, 1), (64, 4), (16, 1)),
+               4: ((1, 1), (16, 16), (1, 1), (16, 16)), 5: ((1, 1), (32, 32), (1, 1), (1, 1)),
+               6: ((1, 1), (1, 1), (16, 16), (1, 1)), 8: ((1, 1),) * 4}
 
 
 @pytest.mark.parametrize("K,N,layout", LAYOUTS + [(100, 40, [(8, 64), (8, 36)])])
@@ -253,7 +256,7 @@ def test_unit_tables_describe_every_row_once(K, N, layout):
             if got >= 0:
                 seen.append(got)
                 # bits 24-26: log2 of the pair factor of slot position pos (pair (pos // 2) % 4)
-                assert 1 << (entry >> 24) == PAIR_FACTOR[bits][(pos >> 1) & 3]
+                assert 1 << (entry >> 24) == PAIR_FACTOR[bits][(pos >> 1) & 3][pos & 1]
     assert sorted(seen) == list(range(K))
     # the unit widths, for the launcher's K split: host memory, and only where the widths differ
     if len({bits for _, bits, *_ in units}) > 1:
@@ -267,10 +270,13 @@ def test_unit_perm_factors_match_the_cuda_decoders():
     """unit_tables packs log2 of each slot's pair factor for the decode-sized kernel; the factors are
     where the CUDA decoders (native/cuda/pair_factor.h, a host function: no GPU needed) leave the codes."""
     for bits, log2s in kernels._PAIR_LOG2.items():
-        assert [_native.cuda.pair_factor(bits, r) for r in range(4)] == [1 << v for v in log2s]
-        assert [1 << v for v in log2s] == list(PAIR_FACTOR[bits])
+        assert [tuple(_native.cuda.pair_factor(bits, r, h) for h in (0, 1)) for r in range(4)] == \
+            [(1 << lo, 1 << hi) for lo, hi in log2s]
+        assert [(1 << lo, 1 << hi) for lo, hi in log2s] == list(PAIR_FACTOR[bits])
     with pytest.raises(ValueError, match="bits"):
-        _native.cuda.pair_factor(7, 0)
+        _native.cuda.pair_factor(7, 0, 0)
+    with pytest.raises(ValueError, match="h is"):
+        _native.cuda.pair_factor(4, 0, 2)
 
 
 def test_unit_tables_follow_a_replaced_permutation():

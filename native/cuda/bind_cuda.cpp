@@ -93,12 +93,13 @@ void register_cuda(py::module_& m) {
                               ptr<const uint16_t>(qsm), ptr<const int16_t>(qg), ptr<const int32_t>(perm), ptr<void>(y),
                               M, K, N, n_pad, G, io_is_f16, stream, cols_per_thread, k_splits, flags);
     }, nogil);
-    // F of pair r (0..3) at `bits`: where the CUDA decoders leave the code (pair_factor.h); for the
-    // test that holds kernels.unit_tables' packed factors to it.
-    m.def("pair_factor", [](int bits, int r) {
+    // F of half h (0: code r, 1: code r + 4) of pair r (0..3) at `bits`: where the CUDA decoders
+    // leave the code (pair_factor.h); for the test that holds kernels.unit_tables' packed factors to it.
+    m.def("pair_factor", [](int bits, int r, int h) {
         if (r < 0 || r > 3) throw std::invalid_argument("pair_factor: r is 0..3");
+        if (h < 0 || h > 1) throw std::invalid_argument("pair_factor: h is 0 (low half) or 1 (high half)");
         if (bits < 2 || bits > 8 || bits == 7) throw std::invalid_argument("pair_factor: bits is 2, 3, 4, 5, 6 or 8");
-        return exl2cuda::pair_factor_of(bits, r);
+        return exl2cuda::pair_factor_of(bits, r, h);
     });
     // The decode-sized kernel's launch shape for linears [(n_pad, U, max_bits), ...] at M tokens on a
     // device with these figures (gemv_plan.h, a host function: no GPU needed); None where the kernel

@@ -443,16 +443,19 @@ __global__ void __launch_bounds__(W * 32, 16 / W / NT) exl2_gemv_kernel(const __
     for (int j = threadIdx.x; j < nu * a.M; j += nthr) {
         const int lu = j / a.M, m = j - lu * a.M;
         const __half2* p = reinterpret_cast<const __half2*>(xs + j * 32);
-        float pr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float pr[4][2] = {};  // [pair][half]: a pair's two halves may have different factors
 #pragma unroll
         for (int k = 0; k < 16; ++k) {
             const float2 f = __half22float2(p[k]);
-            pr[k & 3] += f.x + f.y;
+            pr[k & 3][0] += f.x;
+            pr[k & 3][1] += f.y;
         }
         const int bits = um_bits(ums[lu]);
         float sum = 0.0f;
 #pragma unroll
-        for (int r = 0; r < 4; ++r) sum += (float)(1024u + (pair_factor_of(bits, r) << (bits - 1))) * pr[r];
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) sum += (float)(1024u + (pair_factor_of(bits, r, h) << (bits - 1))) * pr[r][h];
         cus[lu * 8 * NT + m] = sum;
     }
     __syncthreads();

@@ -57,25 +57,26 @@ __device__ __forceinline__ void pairs_2bit(uint32_t v, uint32_t (&P)[4]) {
     P[3] = and_or<0x00C000C0u>(v, magic);
 }
 
-// decode_pairs leaves code r of each pair at 1024 + F * code, F = pair_factor<B>(r)
+// decode_pairs leaves code r of each pair at 1024 + F * code, F = pair_factor<B>(r, half)
 // (pair_factor.h). Callers divide by F: center() in its fused multiply-add, the decode-sized matmul
-// by staging x's K slots of pair r as x / F (exact for normal fp16 values).
+// by staging x's K slots as x / F (exact for normal fp16 values).
 
-// Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + F_r * code,
-// from the 64-bit window (hi:lo) that starts at the lane's first code. Each width first gathers
-// its codes so that codes r and r + 4 lie 16 bits apart in one register; then a pair is a LOP3
-// (the mask, and the fp16 exponent OR-ed in), with a shift only where the code would reach the
-// exponent bits (10..14) in place.
+// Pairs P[r] = (code r, code r + 4) of a lane's 8 codes as fp16 bit patterns 1024 + F * code,
+// from the 64-bit window (hi:lo) that starts at the lane's first code. Each pair is one LOP3 (the
+// mask, and the fp16 exponent OR-ed in) of a register where code r lies in the low half and code
+// r + 4 in the high half, both clear of the exponent bits (10..14 of each half); the two halves of
+// a pair may sit at different bits (pair_factor's h).
 template <int B>
 __device__ __forceinline__ void decode_pairs(uint32_t lo, uint32_t hi, uint32_t (&P)[4]) {
     const uint32_t magic = 0x64006400u;
     if constexpr (B == 3) {
-        // Codes 0..3 at bits 0..11 of lo, 4..7 at 12..23: move 4..7 up by 4 bits (to 16..27).
-        const uint32_t v = select_bits<0x00000FFFu>(lo, lo << 4);
-        P[0] = and_or<0x00070007u>(v, magic);
-        P[1] = and_or<0x00380038u>(v, magic);
-        P[2] = and_or<0x01C001C0u>(v, magic);
-        P[3] = and_or<0x00380038u>(v >> 6, magic);
+        // Code i at bits 3i of lo. Codes (0, 4) sit at bits (4, 16) of lo << 4, (1, 5) at (4, 16) of
+        // lo << 1, (2, 6) at (6, 18) of lo itself, (3, 7) at (4, 16) of lo >> 5: one shift per pair,
+        // no gather (factors 16 and 1, or 64 and 4 for pair 2).
+        P[0] = and_or<0x00070070u>(lo << 4, magic);
+        P[1] = and_or<0x00070070u>(lo << 1, magic);
+        P[2] = and_or<0x001C01C0u>(lo, magic);
+        P[3] = and_or<0x00070070u>(lo >> 5, magic);
     } else if constexpr (B == 5 || B == 6) {
         // Codes 0..3 at bits 0..4B-1 of the window, 4..7 at 4B..8B-1 (into hi): b4 holds 4..7 from
         // bit 0. v1 = low halves of lo and b4 (codes 0, 1 and, at 5 bits, 2); v2 = their bits
@@ -115,17 +116,19 @@ __host__ __device__ constexpr uint32_t half_bits(uint32_t v) {
     return (uint32_t)(15 + e) << 10 | ((v << (10 - e)) & 0x3FFu);
 }
 
-// Pair r as decode_pairs leaves it (1024 + F * q) -> q - 2^(B-1), exactly: one fused multiply-add
-// by 1 / F (a power of two) and -(1024 / F + 2^(B-1)), or a subtraction where F = 1.
+// Pair r as decode_pairs leaves it (1024 + F * q per half) -> q - 2^(B-1), exactly: one fused
+// multiply-add by 1 / F (a power of two, per half) and -(1024 / F + 2^(B-1)), or a subtraction
+// where F = 1 in both halves.
 template <int B, int R>
 __device__ __forceinline__ uint32_t center(uint32_t p) {
-    constexpr uint32_t F = pair_factor<B>(R);
-    constexpr uint32_t bias = half_bits(1024u / F + (1u << (B - 1))) * 0x10001u;
+    constexpr uint32_t F0 = pair_factor<B>(R, 0), F1 = pair_factor<B>(R, 1);
+    constexpr uint32_t bias = half_bits(1024u / F0 + (1u << (B - 1))) | half_bits(1024u / F1 + (1u << (B - 1))) << 16;
     __half2 r;
-    if constexpr (F == 1) {
+    if constexpr (F0 == 1 && F1 == 1) {
         r = __hsub2(*reinterpret_cast<const __half2*>(&p), *reinterpret_cast<const __half2*>(&bias));
     } else {
-        constexpr uint32_t inv = half_bits(1u) - ((uint32_t)__builtin_ctz(F) << 10), inv2 = inv * 0x10001u;
+        constexpr uint32_t inv2 = (half_bits(1u) - ((uint32_t)__builtin_ctz(F0) << 10)) |
+                                  (half_bits(1u) - ((uint32_t)__builtin_ctz(F1) << 10)) << 16;
         constexpr uint32_t nbias = bias | 0x80008000u;
         r = __hfma2(*reinterpret_cast<const __half2*>(&p), *reinterpret_cast<const __half2*>(&inv2),
                     *reinterpret_cast<const __half2*>(&nbias));
