@@ -255,7 +255,7 @@ def test_unit_tables_describe_every_row_once(K, N, layout):
             assert got == (perm[k0 + i] if i < rows else -1)
             if got >= 0:
                 seen.append(got)
-                # bits 24-26: log2 of the pair factor of slot position pos (pair (pos // 2) % 4)
+                # bits 24-26: log2 of the pair factor of slot position pos (half pos % 2 of pair (pos // 2) % 4)
                 assert 1 << (entry >> 24) == PAIR_FACTOR[bits][(pos >> 1) & 3][pos & 1]
     assert sorted(seen) == list(range(K))
     # the unit widths, for the launcher's K split: host memory, and only where the widths differ

@@ -39,14 +39,6 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
     return d;
 }
 
-// (a & MASK) | (b & ~MASK) in one LOP3.
-template <uint32_t MASK>
-__device__ __forceinline__ uint32_t select_bits(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(d) : "r"(a), "r"(b), "n"(MASK));
-    return d;
-}
-
 // 2 bits: v holds codes 0..3 at bits 0..7 and 4..7 at bits 16..23 (byte 0 of the window copied to
 // byte 0, byte 1 to byte 2); pair r at bits 2r of each half.
 __device__ __forceinline__ void pairs_2bit(uint32_t v, uint32_t (&P)[4]) {
