@@ -468,7 +468,10 @@ needs_cuda_build = pytest.mark.skipif(not getattr(_native, "built_with_cuda", Fa
     ([(14336, 128, 6)], 8, dict(ks=4, kw=1)),    # 3 per SM fit (396 < 448 blocks): 4 splits (session 8)
     ([(28672, 256, 4)], 8, dict(ks=2, kw=1)),    # 8192x28672 4.0 bpw: 2 splits (session 8)
     ([(28672, 256, 6)], 8, dict(ks=4, kw=1)),    # no fit from 2 up: the default stays
-    ([(4096, 448, 4)], 8, dict(ks=16, kw=1)),    # 14336x4096: 256 blocks fit
+    ([(4096, 448, 4)], 8, dict(ks=16, kw=1)),    # 14336x4096: 256 blocks fit, 28 units a warp
+    ([(4096, 128, 6)], 8, dict(ks=8, kw=2)),     # 4096x4096: 8 units a warp, 2 warps along K (session 16)
+    ([(4096, 128, 3)], 2, dict(ks=8, kw=2)),
+    ([(4096, 128, 4), (1024, 128, 4), (1024, 128, 4)], 8, dict(ks=8, kw=2)),  # q, k, v of a GQA model
     ([(14336, 128, 4)], 16, dict(ks=8, kw=1, NT=2)),  # the rule stops at 8 tokens
     ([(4096, 128, 4), (1024, 128, 4), (1024, 128, 4)], 1, dict(ks=12, kw=2)),  # q, k, v in one launch
 ])

@@ -160,6 +160,13 @@ inline GemvPlan gemv_plan(const GemvShape* lins, int count, int64_t M, const Gem
     // 6.0 bpw but for 4096x4096 at 4.0 bpw (8 % behind (2, 8)); 14336x4096 gained 9-15 % over
     // 16 K splits alone (benchmarks/RESULTS.md, session 6 sweep; clusters of 12 were slower with
     // kw = 1). At M = 8 the same choice was 1.5x slower on 14336x4096, so it stays at M = 1.
+    //
+    // At 2-8 tokens, where all 16 K splits fit and leave a warp fewer than 16 units (K below
+    // 8192), 2 warps along K over 8 splits: the same warps and units per warp, but half the ranks
+    // whose M x 64 partial sums the cluster reduces, and that reduction outweighed the few units.
+    // H100 sweep, session 16 (benchmarks/RESULTS.md), 4096x4096 at M = 8: 28.6 -> 17.3 us at 6.0
+    // bpw, 25.3 -> 18.3 us at 2.5 bpw. 14336x4096 (28 units a warp) stays: there it was 14 %
+    // slower at 6.0 bpw and 9 % faster at 2.5 bpw.
     int kw = 1;
     if (k_warps > 0) {
         kw = k_warps;
@@ -167,6 +174,10 @@ inline GemvPlan gemv_plan(const GemvShape* lins, int count, int64_t M, const Gem
                smem_max(12) <= (size_t)dev.smem_optin) {
         kw = 2;
         ks = 12;
+    } else if (k_splits <= 0 && M > 1 && NT == 1 && ks == GV_MAX_KS && W == 4 && u_min < 16 * GV_MAX_KS &&
+               u_min >= 2 * 8 && smem_max(8) <= (size_t)dev.smem_optin) {
+        kw = 2;
+        ks = 8;
     }
     if (kw < 1 || W % kw) return p;
     const size_t smem = smem_max(ks);
