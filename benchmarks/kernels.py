@@ -10,7 +10,8 @@ Measures, in one run:
     torch.matmul of the same shape; achieved bandwidth = bytes of the packed weights
     (q_weight + q_scale) / time, and its ratio to the copy bandwidth;
   * a sweep of the tensor-core kernel's K splits at M = 1 and 8; with --gemv only the ceilings,
-    M = 1 and 8, and the decode-sized kernel's warps x K-split sweep;
+    M = 1, 8, 16, 32 (--gemv-m) on the Llama shapes (--shapes), and the decode-sized kernel's
+    warps x K-split x warps-along-K sweep (--sweep-m, --sweep-bpw);
   * gptq_group (groups of 128 rows) and group_scale_search over whole linears of K rows;
   * logit_stats over [2048, 128256] f16 logits.
 
@@ -74,17 +75,24 @@ def time_graph(fn, inner: int, repeats: int = 15) -> float:
 LARGE_M_INNER = 5
 
 
-def time_events(fn, iters: int = 20, inner: int = 1) -> float:
+QUEUE_CYCLES_PER_CALL = 400_000  # ~0.2 ms at 2 GHz: more than a call's host time (checks, allocation, launches)
+
+
+def time_events(fn, iters: int = 20, inner: int = 1, queued: bool = False) -> float:
     """Median seconds per call, events around `inner` back-to-back calls (for work too large to
     graph). inner > 1 measures the GPU's throughput as a model's forward sees it, where the host
     queues the next call while the GPU runs this one; with inner = 1 the host's time to launch
-    the call's first kernels counts too."""
+    the call's first kernels counts too. queued: the GPU first spins (torch.cuda._sleep) while the
+    host queues all `inner` calls, so none of the host's time counts, not even the first call's
+    (the steady state of a prefill or perplexity pass, where the host runs ahead)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if queued:
+            torch.cuda._sleep(QUEUE_CYCLES_PER_CALL * inner)
         a.record()
         for _ in range(inner):
             fn()
@@ -116,6 +124,8 @@ def fp16_matmul_tflops() -> float:
 
 # ----------------------------------------------------------------------------- matmul
 
+
+LLAMA_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # K x N of the issue's rows
 
 LAYOUTS = {  # bpw -> [(bits, fraction of K)], group size 128
     2.5: [(3, 0.5), (2, 0.5)],
@@ -237,8 +247,8 @@ def bench_matmul(K, N, bpw, Ms, copy_bw, fp16_tflops, rows, quick):
                 if dequant_path:
                     t = t_dqm
         else:
-            t = time_events(rotating(deq_units, x, y), iters=10 if quick else 20, inner=LARGE_M_INNER)
-            t_alt = time_events(rotating(deq_old, x, y), iters=10 if quick else 20, inner=LARGE_M_INNER)
+            t = time_events(rotating(deq_units, x, y), iters=10 if quick else 20, inner=LARGE_M_INNER, queued=True)
+            t_alt = time_events(rotating(deq_old, x, y), iters=10 if quick else 20, inner=LARGE_M_INNER, queued=True)
             t_deq = time_graph(rotating(deq_units), 2 * len(qts), repeats=7)
         # fp16 cuBLAS baseline of the same product, also graph-timed over two weight copies
         w16s = [torch.randn(K, N, device="cuda", dtype=torch.float16) for _ in range(2)]
@@ -300,10 +310,10 @@ def sweep_launch_shapes(copy_bw, rows):
         del qts
 
 
-def sweep_gemv(copy_bw, rows, bpws=(4.0,), Ms=(1,)):
+def sweep_gemv(copy_bw, rows, bpws=(4.0,), Ms=(1,), shapes=LLAMA_SHAPES):
     """Warps per block x K splits (cluster size) x warps along K of the decode-sized kernel."""
     for bpw in bpws:
-        for (K, N) in [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]:
+        for (K, N) in shapes:
             q0 = random_qtensor(K, N, bpw, seed=91)
             qts = [q0] + [random_qtensor(K, N, bpw, seed=91 + i) for i in range(1, max(2, math.ceil(2 * L2_BYTES / weight_bytes(q0))))]
             wb = weight_bytes(qts[0])
@@ -526,6 +536,9 @@ def main():
     ap.add_argument("--sweep-only", action="store_true", help="with --gemv: only the ceilings and the sweep")
     ap.add_argument("--sweep-m", default="1", help="with --gemv: comma-separated token counts of the sweep")
     ap.add_argument("--sweep-bpw", default=None, help="with --gemv: comma-separated bpws of the sweep (default 2.5,4.0,6.0; 4.0 with --quick)")
+    ap.add_argument("--gemv-m", default="1,8,16,32", help="with --gemv: comma-separated token counts of the kernel rows")
+    ap.add_argument("--shapes", default=None, help="with --gemv: comma-separated KxN of the rows and the sweep "
+                    "(default: the Llama shapes)")
     ap.add_argument("--gemv", action="store_true", help="only the ceilings, M = 1 and 8, and the decode-sized kernel's sweep")
     ap.add_argument("--profile", action="store_true", help="launch the fused kernels for ncu and exit")
     ap.add_argument("--profile-bpw", default="4.0", help="with --profile: comma-separated bpws of the decode-sized kernel's launches")
@@ -550,16 +563,19 @@ def main():
           flush=True)
     copy_bw = res["copy_GBps"] * 1e9
     res["matmul"], res["sweep"], res["gptq"], res["logits"], res["gemv_sweep"] = [], [], [], [], []
-    shapes = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+    shapes = LLAMA_SHAPES
     Ms = [1, 8, 32, 2048]
     if args.gemv:
+        if args.shapes:
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        gemv_ms = [int(m) for m in args.gemv_m.split(",")]
         for K, N in shapes if not args.sweep_only else []:
             for bpw in (2.5, 4.0, 6.0) if not args.quick else (4.0,):
-                bench_matmul(K, N, bpw, [1, 8, 16, 32], copy_bw, res["fp16_TFLOPs"], res["matmul"], True)
+                bench_matmul(K, N, bpw, gemv_ms, copy_bw, res["fp16_TFLOPs"], res["matmul"], True)
         if not args.no_sweep:
             bpws = args.sweep_bpw or ("4.0" if args.quick else "2.5,4.0,6.0")
             sweep_gemv(copy_bw, res["gemv_sweep"], [float(b) for b in bpws.split(",")],
-                       [int(m) for m in args.sweep_m.split(",")])
+                       [int(m) for m in args.sweep_m.split(",")], shapes)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
