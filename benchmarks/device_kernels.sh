@@ -3,7 +3,7 @@
 # the kernel benchmarks, and compute-sanitizer over a pass through every kernel.
 # Logs land in $OUT (build.log, pytest.log, bench.log, bench.md, bench.json, decode_ops.log, sanitize_<tool>.log).
 # Usage on the device machine, from the repository root: bash benchmarks/device_kernels.sh [--quick]
-# (SKIP_SANITIZER=1 skips the compute-sanitizer passes, SKIP_NCU=1 the Nsight Compute pass, SKIP_BENCH=1 kernels.py,
+# (PREBUILT_WHEEL=path installs that wheel instead of building; SKIP_SANITIZER=1 skips the compute-sanitizer passes, SKIP_NCU=1 the Nsight Compute pass, SKIP_BENCH=1 kernels.py,
 # SKIP_DECODE=1 decode_ops.py;
 # PYTEST_K selects tests by -k expression; NCU_KERNEL (default exl2_gemv) names the profiled kernel, NCU_COUNT how many
 # launches of it, PROFILE_BPW the decode-sized kernel's bpws in launch order, e.g. 2.5,4.0,6.0, PROFILE_SHAPE
@@ -29,8 +29,14 @@ done
 
 echo "== build $(date -u +%T)"
 t0=$(date +%s)
-EXL2BUILD_CUDA=ON EXL2BUILD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
-  timeout 300 $PY -m pip install --no-build-isolation --no-deps --no-cache-dir . > "$OUT/build.log" 2>&1
+if [ -n "${PREBUILT_WHEEL:-}" ]; then
+  # A cp312 wheel of this tree built on the CPU machine (benchmarks/build_device_wheel.sh): it installs
+  # in seconds instead of a ~2-minute CUDA build of device time.
+  $PY -m pip install --no-deps --no-cache-dir --force-reinstall "$PREBUILT_WHEEL" > "$OUT/build.log" 2>&1
+else
+  EXL2BUILD_CUDA=ON EXL2BUILD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=16 \
+    timeout 300 $PY -m pip install --no-build-isolation --no-deps --no-cache-dir . > "$OUT/build.log" 2>&1
+fi
 rc=$?
 echo "build rc=$rc in $(( $(date +%s) - t0 )) s"
 if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit 1; fi
