@@ -6,6 +6,8 @@
 # sm_90), then runs decode_ops.py for each preset with the builds alternating, ROUNDS times.
 # Logs in $OUT/ab_decode.log. KERNELS=1 also times exl2_matmul at M = 1, 8, 16, 32 on the four Llama shapes
 # (`kernels.py --gemv --no-sweep`) for each build, alternating, and joins them in $OUT/ab_kernels.md.
+# A tree holding .prebuilt/exl2build-*-cp312-*.whl (benchmarks/build_device_wheel.sh TREE; carry it) installs
+# that wheel instead of building.
 # Usage: TREES='base:.ab_base head:.' [ENVS='K=0;K=1'] [CHECK_K='gemv or group'] [TIMELINE=1] [SANITIZE=head] [PROBE=shapes] [PRESETS='llama2-7b --exl2 4.0;smollm2 --exl2 4.0'] [ROUNDS=2] \
 #        bash benchmarks/device_ab_decode.sh
 set -u -o pipefail
@@ -21,6 +23,16 @@ for pair in hydra:hydra_core omegaconf:omegaconf antlr4:antlr4 gguf:gguf; do
 done
 build() {  # tree, target dir (emptied first: on a warm machine pip --target keeps the old package)
   rm -rf "$2"
+  # A wheel that benchmarks/build_device_wheel.sh built on the CPU machine is installed instead (seconds,
+  # not minutes of device time); the phase-probe build always compiles here.
+  local whl; whl=$(ls "$1"/.prebuilt/exl2build-*-cp312-*.whl 2>/dev/null | head -1)
+  if [ -n "$whl" ] && [ "$(cat "$1/.prebuilt/DIGEST" 2>/dev/null)" != "$(bash "$REPO/benchmarks/tree_digest.sh" "$1")" ]; then
+    echo "$whl is stale (the tree changed after benchmarks/build_device_wheel.sh): building instead" >&2; whl=""
+  fi
+  if [ -n "$whl" ] && [ -z "${EXL2BUILD_PHASE_PROBE:-}" ]; then
+    $PY -m pip install --no-deps --no-cache-dir --target "$2" "$whl" > "$2.log" 2>&1
+    return
+  fi
   EXL2BUILD_CUDA=ON EXL2BUILD_CUDA_ARCHS=90 CMAKE_BUILD_PARALLEL_LEVEL=6 timeout 400 \
     $PY -m pip install --no-build-isolation --no-deps --no-cache-dir --target "$2" "$1" > "$2.log" 2>&1
 }

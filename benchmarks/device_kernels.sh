@@ -29,6 +29,9 @@ done
 
 echo "== build $(date -u +%T)"
 t0=$(date +%s)
+if [ -n "${PREBUILT_WHEEL:-}" ] && [ "$(cat "$(dirname "$PREBUILT_WHEEL")/DIGEST" 2>/dev/null)" != "$(bash benchmarks/tree_digest.sh .)" ]; then
+  echo "$PREBUILT_WHEEL is stale (the tree changed after benchmarks/build_device_wheel.sh): building instead"; PREBUILT_WHEEL=""
+fi
 if [ -n "${PREBUILT_WHEEL:-}" ]; then
   # A cp312 wheel of this tree built on the CPU machine (benchmarks/build_device_wheel.sh): it installs
   # in seconds instead of a ~2-minute CUDA build of device time.
