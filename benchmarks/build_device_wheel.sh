@@ -24,4 +24,4 @@ EXL2BUILD_CUDA=ON EXL2BUILD_CUDA_ARCHS=90 PATH="$V/bin:$PATH" \
 rm -rf "$V/check" && "$V/bin/pip" install -q --no-deps --target "$V/check" .prebuilt/*.whl
 (cd /tmp && PYTHONPATH="$V/check" "$V/bin/python" -c "import exl2build._native as n; assert n.built_with_cuda, 'built without CUDA'")
 bash "$REPO/benchmarks/tree_digest.sh" . > .prebuilt/DIGEST
-echo "built $(ls .prebuilt/*.whl) (tree digest $(cat .prebuilt/DIGEST)) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- native CMakeLists.txt pyproject.toml || echo ' + uncommitted native changes')"
+echo "built $(ls .prebuilt/*.whl) (tree digest $(cat .prebuilt/DIGEST)) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- native exl2build CMakeLists.txt pyproject.toml || echo ' + uncommitted changes')"

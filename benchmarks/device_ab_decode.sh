@@ -25,11 +25,12 @@ build() {  # tree, target dir (emptied first: on a warm machine pip --target kee
   rm -rf "$2"
   # A wheel that benchmarks/build_device_wheel.sh built on the CPU machine is installed instead (seconds,
   # not minutes of device time); the phase-probe build always compiles here.
-  local whl; whl=$(ls "$1"/.prebuilt/exl2build-*-cp312-*.whl 2>/dev/null | head -1)
-  if [ -n "$whl" ] && [ "$(cat "$1/.prebuilt/DIGEST" 2>/dev/null)" != "$(bash "$REPO/benchmarks/tree_digest.sh" "$1")" ]; then
+  local whl=""
+  [ -z "${EXL2BUILD_PHASE_PROBE:-}" ] && whl=$(ls "$1"/.prebuilt/exl2build-*-cp312-*.whl 2>/dev/null | head -1)
+  if [ -n "$whl" ] && ! bash "$REPO/benchmarks/tree_digest.sh" "$1" --matches "$1/.prebuilt/DIGEST"; then
     echo "$whl is stale (the tree changed after benchmarks/build_device_wheel.sh): building instead" >&2; whl=""
   fi
-  if [ -n "$whl" ] && [ -z "${EXL2BUILD_PHASE_PROBE:-}" ]; then
+  if [ -n "$whl" ]; then
     $PY -m pip install --no-deps --no-cache-dir --target "$2" "$whl" > "$2.log" 2>&1
     return
   fi

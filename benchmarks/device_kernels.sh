@@ -29,7 +29,7 @@ done
 
 echo "== build $(date -u +%T)"
 t0=$(date +%s)
-if [ -n "${PREBUILT_WHEEL:-}" ] && [ "$(cat "$(dirname "$PREBUILT_WHEEL")/DIGEST" 2>/dev/null)" != "$(bash benchmarks/tree_digest.sh .)" ]; then
+if [ -n "${PREBUILT_WHEEL:-}" ] && ! bash benchmarks/tree_digest.sh . --matches "$(dirname "$PREBUILT_WHEEL")/DIGEST"; then
   echo "$PREBUILT_WHEEL is stale (the tree changed after benchmarks/build_device_wheel.sh): building instead"; PREBUILT_WHEEL=""
 fi
 if [ -n "${PREBUILT_WHEEL:-}" ]; then

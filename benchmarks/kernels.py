@@ -539,7 +539,7 @@ def main():
     ap.add_argument("--gemv-m", default="1,8,16,32", help="with --gemv: comma-separated token counts of the kernel rows")
     ap.add_argument("--shapes", default=None, help="with --gemv: comma-separated KxN of the rows and the sweep "
                     "(default: the Llama shapes)")
-    ap.add_argument("--gemv", action="store_true", help="only the ceilings, M = 1 and 8, and the decode-sized kernel's sweep")
+    ap.add_argument("--gemv", action="store_true", help="only the ceilings, the kernel rows at --gemv-m tokens, and the decode-sized kernel's sweep")
     ap.add_argument("--profile", action="store_true", help="launch the fused kernels for ncu and exit")
     ap.add_argument("--profile-bpw", default="4.0", help="with --profile: comma-separated bpws of the decode-sized kernel's launches")
     ap.add_argument("--profile-shape", default="4096x14336", help="with --profile: K x N of the profiled product")

@@ -145,10 +145,11 @@ def matmul_shape(torch, a, tm: Timers, K, N, bpw, Ms, rows: list, copy_bw):
             kernels.exl2_matmul(x, qts[it[0] % n])
             it[0] += 1
 
+        iters = 10 if a.quick else 20  # event-timed samples (M > 32)
         r["ours_us"] = (tm.graph(ours, 4 * n if not a.quick else max(8, n)) if M <= 32 else
-                        tm.events(ours, iters=10 if a.quick else 20, inner=LARGE_M_INNER, queued=True)) * 1e6
+                        tm.events(ours, iters=iters, inner=LARGE_M_INNER, queued=True)) * 1e6
         if M > 32:  # as sessions 5-15 timed it: the first call's host time counts (1 / LARGE_M_INNER of it)
-            r["ours_unqueued_us"] = tm.events(ours, iters=10 if a.quick else 20, inner=LARGE_M_INNER) * 1e6
+            r["ours_unqueued_us"] = tm.events(ours, iters=iters, inner=LARGE_M_INNER) * 1e6
         if M <= 32 and dev.type == "cuda":
             # Both of our fused kernels, forced (the default takes SIMT at M = 1, tensor cores above).
             from exl2build import _native
@@ -169,18 +170,19 @@ def matmul_shape(torch, a, tm: Timers, K, N, bpw, Ms, rows: list, copy_bw):
             # The decode-sized kernel with its own launch plan, also where exl2_matmul takes another
             # path (the crossovers of kernels._gemv_applies are measured here, beside exllamav2).
             descs = [kernels.gemv_desc(q, yk) for q in qts]
-            if all(d is not None for d in descs):
+
+            def launch_gemv(d):  # False where the kernel declines the shape
+                return _native.cuda.exl2_matmul_gemv(x.data_ptr(), *d[:5], M, K, *d[5:], 0, 0, 0,
+                                                     torch.cuda.current_stream().cuda_stream)
+
+            if all(d is not None for d in descs) and launch_gemv(descs[0]):
                 gt = [0]
 
                 def gemv_default():
-                    d = descs[gt[0] % n]
-                    _native.cuda.exl2_matmul_gemv(x.data_ptr(), *d[:5], M, K, *d[5:], 0, 0, 0,
-                                                  torch.cuda.current_stream().cuda_stream)
+                    launch_gemv(descs[gt[0] % n])
                     gt[0] += 1
 
-                if _native.cuda.exl2_matmul_gemv(x.data_ptr(), *descs[0][:5], M, K, *descs[0][5:], 0, 0, 0,
-                                                 torch.cuda.current_stream().cuda_stream):
-                    r["ours_gemv_us"] = tm.graph(gemv_default, 4 * n if not a.quick else max(8, n)) * 1e6
+                r["ours_gemv_us"] = tm.graph(gemv_default, 4 * n if not a.quick else max(8, n)) * 1e6
         ref = x.float() @ kernels.dequant(qts[0], torch.float32)
         y_o = kernels.exl2_matmul(x, qts[0]).float()
         scale = ref.abs().max().item() or 1.0
@@ -200,8 +202,8 @@ def matmul_shape(torch, a, tm: Timers, K, N, bpw, Ms, rows: list, copy_bw):
                     torch.cuda.synchronize()
                     r["exl2_us"] = tm.graph(theirs, 4 * n if not a.quick else max(8, n)) * 1e6
                 else:
-                    r["exl2_us"] = tm.events(theirs, iters=10 if a.quick else 20, inner=LARGE_M_INNER, queued=True) * 1e6
-                    r["exl2_unqueued_us"] = tm.events(theirs, iters=10 if a.quick else 20, inner=LARGE_M_INNER) * 1e6
+                    r["exl2_us"] = tm.events(theirs, iters=iters, inner=LARGE_M_INNER, queued=True) * 1e6
+                    r["exl2_unqueued_us"] = tm.events(theirs, iters=iters, inner=LARGE_M_INNER) * 1e6
                 r["exl2_path"] = "kernel" if M <= 32 else "reconstruct+cublasHgemm"
                 y_t = torch.empty(M, n_pad, device=dev, dtype=torch.float16)
                 ext_c.gemm_half_q_half(x, handles[0][0], y_t, False)
