@@ -9,6 +9,7 @@ configuration errors).
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import sys
@@ -109,6 +110,9 @@ def check_overrides(overrides: list[str]) -> list[str]:
             parent = key.rsplit(".", 1)[0] if "." in key else ""
             known = known_keys(parent)
             hint = f"known keys{' under ' + parent if parent else ''}: {', '.join(known)}" if known else "check the spelling"
+            close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+            if close:
+                hint = f"did you mean `{parent + '.' if parent else ''}{close[0]}`? ({hint})"
             raise ConfigError(f"Config error at `{key}`: unknown setting. Fix: {hint}.")
         if o.type.name == "CHANGE" and not o.is_sweep_override() and o.package is None:
             out[-1] = "++" + text

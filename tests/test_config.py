@@ -67,6 +67,11 @@ def test_unknown_key_in_recipe_file_suggests_the_right_one(recipe, capsys):
     assert code == 2 and "`quant.head_bit`" in err and "did you mean `quant.head_bits`" in err
 
 
+def test_unknown_override_key_suggests_the_right_one(recipe, capsys):
+    code, _, err = run_cli(["plan", f"recipe={recipe}", "quant.bpw=[4.0]"], capsys)
+    assert code == 2 and "`quant.bpw`" in err and "did you mean `quant.bpws`" in err
+
+
 def test_unknown_recipe_lists_available(capsys):
     code, _, err = run_cli(["plan", "recipe=nope"], capsys)
     assert code == 2 and "`recipe`" in err and "demo" in err

@@ -98,8 +98,8 @@ def test_group_scale_search_bit_exact(bits, rows, n):
     assert torch.equal(qs, rqs) and smax == rsmax and torch.equal(scale, rscale)
     assert int(qs.min()) >= 1 and int(qs.max()) == 16
     # The returned scales are exactly what the loader computes from (qscale, fp16 scale_max).
-    assert float(torch.tensor(smax).half()) == smax
-    assert torch.equal(scale, kernels_ref.scales_fp16(qs, torch.tensor(smax)))
+    assert float(torch.as_tensor(smax).half()) == smax
+    assert torch.equal(scale, kernels_ref.scales_fp16(qs, torch.as_tensor(smax)))
 
 
 @pytest.mark.parametrize("norm,p_steps", [(2.0, 11), (3.0, 5), (2.7, 7), (3.5, 1)])
