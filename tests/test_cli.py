@@ -85,6 +85,17 @@ def test_report_needs_a_build_first(tmp_path, fake_model, capsys):
     assert code == 1 and "not built yet" in out
 
 
+def test_bad_input_in_a_step_prints_its_fix_and_logs_the_traceback(tmp_path, fake_model, capsys):
+    (fake_model / "config.json").write_text('{"hidden_size": 12')  # cut short
+    recipe = write_recipe(tmp_path, fake_model)
+    code, out, err = run_cli(["build", f"recipe={recipe}"], capsys)
+    assert code == 1
+    assert "config.json: cannot be read as JSON" in out and "Fix or replace the file" in out
+    assert "cannot be read as JSON" in err and "Traceback" not in err + out
+    step_logs = list((tmp_path / "out" / "logs").glob("*/source.log"))
+    assert len(step_logs) == 1 and "Traceback" in step_logs[0].read_text()
+
+
 def test_gc_dry_run_and_bad_flag(tmp_path, capsys):
     cache = tmp_path / "cache"
     (cache / "measure" / ".tmp-abc-1-x").mkdir(parents=True)

@@ -70,6 +70,21 @@ def step_logger(label: str, log_dir: Optional[str]) -> logging.Logger:
     return log
 
 
+def log_failure(log: logging.Logger, exc: BaseException) -> str:
+    """Logs a step's failure; returns its one-line message for the summary.
+
+    An Exl2BuildError is bad input whose message names the fix: the console gets that message alone
+    and the traceback goes to the step's log file only (INFO, below the console's level). Anything
+    else is a bug, and its traceback goes to the console too.
+    """
+    if isinstance(exc, Exl2BuildError):
+        log.error("failed: %s", exc)
+        log.info("traceback of that failure:\n%s", traceback.format_exc())
+        return str(exc)
+    log.error("failed: %s\n%s", exc, traceback.format_exc())
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _log_progress(log: logging.Logger) -> Callable[[int, int, str], None]:
     """Progress for steps away from the display: a log line at most every 5 s."""
     last = [0.0]
@@ -119,10 +134,9 @@ def execute(job: Job, progress: Optional[Callable[[int, int, str], None]] = None
             job.run(ctx)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a result
             shutil.rmtree(tmp, ignore_errors=True)  # the work folder stays: a rerun resumes
-            log.error("failed: %s\n%s", exc, traceback.format_exc())
+            msg = log_failure(log, exc)
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            msg = str(exc) if isinstance(exc, Exl2BuildError) else f"{type(exc).__name__}: {exc}"
             return JobResult(job.label, job.key, "failed", time.time() - started, error=msg)
         seconds = time.time() - started
         manifest = {

@@ -9,15 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from exl2build.dag.cache import Cache, step_key
-from exl2build.dag.execute import Job, resolve_device, step_logger
+from exl2build.dag.execute import Job, log_failure, resolve_device, step_logger
 from exl2build.dag.step import Step, StepContext
-from exl2build.errors import Exl2BuildError
 
 
 @dataclass
@@ -245,10 +243,9 @@ class Runner:
         try:
             step.run(ctx)
         except Exception as exc:  # noqa: BLE001
-            log.error("%s\n%s", exc, traceback.format_exc())
+            msg = log_failure(log, exc)
             export_files(tmp, self.out_dir)  # what was written (the report) still helps
             shutil.rmtree(tmp, ignore_errors=True)
-            msg = str(exc) if isinstance(exc, Exl2BuildError) else f"{type(exc).__name__}: {exc}"
             return StepResult(step.label, step.name, "", "failed", time.time() - started, msg)
         export_files(tmp, self.out_dir / (step.export or ""))
         shutil.rmtree(tmp, ignore_errors=True)
