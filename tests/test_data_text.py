@@ -66,9 +66,17 @@ def test_read_text_errors(tmp_path):
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "d.parquet")
     with pytest.raises(InputError, match="no column 'body'.*text"):
         read_text({"path": tmp_path / "d.parquet", "column": "body"})
+    # Given the recipe setting the file came from, the fix names the key to change.
+    with pytest.raises(InputError, match=r"Set `eval\.text\.column` to one of them"):
+        read_text(tmp_path / "d.parquet", column="body", key="eval.text")
+    pq.write_table(pa.table({"text": ["a"], "n": [1]}), tmp_path / "dn.parquet")
+    with pytest.raises(InputError, match=r"column 'n' is int64, not text\. Set `calib\.column` to a string column"):
+        read_text(tmp_path / "dn.parquet", column="n", key="calib")
     (tmp_path / "bad.parquet").write_bytes(b"garbage")
     with pytest.raises(InputError, match="cannot be read as parquet"):
         read_text(tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match=r"for a plain text file use `calib=text`"):
+        read_text(tmp_path / "bad.parquet", key="calib")
     (tmp_path / "empty.txt").write_text(" \n")
     with pytest.raises(InputError, match="no text"):
         read_text(tmp_path / "empty.txt")
@@ -88,6 +96,8 @@ def test_tokens_from_text(llama_tok, wiki_test):
     assert every.shape[0] == len(ids) // 100 and every.flatten().tolist() == ids[: every.numel()]
     with pytest.raises(InputError, match=f"only {len(ids)} tokens"):
         tokens_from_text(llama_tok, text, rows=1000, length=100, bos=False, seed=0)
+    with pytest.raises(InputError, match=r"Lower `calib\.measure_rows` or `calib\.measure_length`"):
+        tokens_from_text(llama_tok, text, rows=1000, length=100, keys=("calib.measure_rows", "calib.measure_length"))
 
 
 def test_generate_text_is_seeded(tiny_llama):

@@ -24,15 +24,19 @@ def _spec_fields(spec) -> tuple[Path, str | None, str | None]:
     return Path(str(path)), (str(fmt) if fmt else None), get("column")
 
 
-def read_text(spec, column: str | None = None, fmt: str | None = None) -> str:
-    """The whole text of a parquet or plain text file (parquet rows joined with "\\n")."""
+def read_text(spec, column: str | None = None, fmt: str | None = None, key: str | None = None) -> str:
+    """The whole text of a parquet or plain text file (parquet rows joined with "\\n").
+
+    key: the recipe setting that names this file ("calib", "eval.text"), so that a fix can name
+    the setting to change (`calib.column`); None where the file came from elsewhere.
+    """
     path, sfmt, scol = _spec_fields(spec)
     fmt = (fmt or sfmt or ("parquet" if path.suffix.lower() == ".parquet" else "text")).lower()
     column = column or scol
     if not path.is_file():
         raise InputError(f"{path}: text file not found. Check the path in the recipe (it is read as given).")
     if fmt == "parquet":
-        text = _read_parquet(path, column)
+        text = _read_parquet(path, column, key)
     elif fmt in ("text", "txt"):
         try:
             text = path.read_text(encoding="utf-8")
@@ -45,23 +49,25 @@ def read_text(spec, column: str | None = None, fmt: str | None = None) -> str:
     return text
 
 
-def _read_parquet(path: Path, column: str | None) -> str:
+def _read_parquet(path: Path, column: str | None, key: str | None) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{path}: cannot be read as parquet ({e}). Check the file or use format: text.") from None
+        plain = f"; for a plain text file use `{key.split('.')[0]}=text`" if key else ""
+        raise InputError(f"{path}: cannot be read as parquet ({e}). Check the file{plain}.") from None
+    setting = f"`{key}.column`" if key else "column="
     strings = [f.name for f in table.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
     if column is not None:
         if column not in table.column_names:
             raise InputError(
-                f"{path}: has no column {column!r}; columns are {table.column_names}. Set column to one of them."
+                f"{path}: has no column {column!r}; columns are {table.column_names}. Set {setting} to one of them."
             )
         if column not in strings:
             kind = table.schema.field(column).type
-            raise InputError(f"{path}: column {column!r} is {kind}, not text. Pick a string column.")
+            raise InputError(f"{path}: column {column!r} is {kind}, not text. Set {setting} to a string column.")
         cols = [column]
     else:
         if not strings:
@@ -79,15 +85,16 @@ def _read_parquet(path: Path, column: str | None) -> str:
 
 
 def tokens_from_text(tok, text: str, rows: int | None, length: int, bos: bool = False, seed: int | None = 0,
-                     source: str = "text") -> torch.Tensor:
+                     source: str = "text", keys: tuple[str, str] = ("rows", "length")) -> torch.Tensor:
     """Cut the tokenized text into `rows` non-overlapping windows of `length` tokens -> LongTensor [rows, length].
 
     With bos, each window is BOS + (length-1) text tokens. rows=None takes every full window.
     When fewer rows than windows are asked for, a seeded random subset is taken (kept in text
     order), so the rows spread over the whole text; the result depends only on the inputs.
+    keys: the settings that gave rows and length, named in the fix when the text is too short.
     """
     if length < 1 + int(bos):
-        raise InputError(f"{source}: length={length} is too short; use at least {1 + int(bos)} tokens per row.")
+        raise InputError(f"{source}: {keys[1]}={length} is too short; use at least {1 + int(bos)} tokens per row.")
     ids = tok.encode(text)
     step = length - int(bos)
     windows = len(ids) // step
@@ -96,7 +103,7 @@ def tokens_from_text(tok, text: str, rows: int | None, length: int, bos: bool = 
     if rows < 1 or rows > windows:
         raise InputError(
             f"{source}: {rows} rows x {length} tokens need {max(rows, 1) * step} text tokens, but the text has "
-            f"only {len(ids)} tokens ({windows} full rows of {length}). Lower rows or length, or use more text."
+            f"only {len(ids)} tokens ({windows} full rows of {length}). Lower `{keys[0]}` or `{keys[1]}`, or use more text."
         )
     if rows == windows or seed is None:
         starts = [i * step for i in range(rows)]

@@ -41,9 +41,11 @@ def _from_file(ctx: StepContext, tok):
     from exl2build.data.text import read_text, tokens_from_text
 
     p, path = ctx.params, ctx.files["text"]
-    text = read_text(path, column=p["column"], fmt=p["kind"])
-    quant = tokens_from_text(tok, text, p["rows"], p["length"], bos=p["bos"], seed=p["seed"], source=path)
-    measure = tokens_from_text(tok, text, p["measure_rows"], p["measure_length"], bos=p["bos"], seed=p["seed"] + 1, source=path)
+    text = read_text(path, column=p["column"], fmt=p["kind"], key="calib")
+    quant = tokens_from_text(tok, text, p["rows"], p["length"], bos=p["bos"], seed=p["seed"], source=path,
+                             keys=("calib.rows", "calib.length"))
+    measure = tokens_from_text(tok, text, p["measure_rows"], p["measure_length"], bos=p["bos"], seed=p["seed"] + 1,
+                               source=path, keys=("calib.measure_rows", "calib.measure_length"))
     return quant, measure
 
 

@@ -39,7 +39,7 @@ def run(ctx: StepContext) -> None:
     else:
         from exl2build.data.text import read_text
 
-        text = read_text(ctx.files["text"], column=p["column"], fmt=p["kind"])
+        text = read_text(ctx.files["text"], column=p["column"], fmt=p["kind"], key="eval.text")
         tokens = torch.tensor(tok.encode(text), dtype=torch.long)
         if p["max_tokens"]:
             tokens = tokens[: p["max_tokens"]]
