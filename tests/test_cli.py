@@ -129,6 +129,8 @@ def test_end_to_end_tiny_model(tmp_path, tiny_llama, capsys):
     assert build["dir"] == str(tmp_path / "out" / "4.0bpw") and build["size_bytes"] > 0 and build["ppl"] > 0
     assert 3.9 <= build["bpw_decoder"] <= 4.0 and report["baseline"]["ppl"] > 0
     assert {s["status"] for s in report["steps"]} == {"ran"}
+    ran = [s["name"] for s in report["steps"]]  # in the order they finished
+    assert ran.index("evaluate[fp16]") < ran.index("measure")  # a bad evaluation setting fails first
     assert (tmp_path / "out" / "4.0bpw" / "config.json").is_file() and (tmp_path / "out" / "report.md").is_file()
 
     # Only evaluation settings change -> only evaluation (and the report) run again.

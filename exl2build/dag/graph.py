@@ -15,15 +15,17 @@ from exl2build.steps import calibrate, compile, evaltext, evaluate, measure, opt
 
 def build_graph(cfg: RecipeConfig, recipe_path: Optional[str] = None) -> list[Step]:
     src = source.make(cfg.source)
-    cal = calibrate.make(cfg.calib, src)
-    meas = measure.make(cfg.quant, src, cal)
-    steps = [src, cal, meas]
-
+    steps = [src]
+    # The FP16 evaluation comes before the measurement (the order steps are started in, where both
+    # are ready): a bad evaluation text or setting fails in seconds, not after the measurement.
     tokens = base_eval = None
     if cfg.eval.enabled:
         tokens = evaltext.make(cfg.eval.text, src)
         base_eval = evaluate.make(cfg.eval, src, tokens)
         steps += [tokens, base_eval]
+    cal = calibrate.make(cfg.calib, src)
+    meas = measure.make(cfg.quant, src, cal)
+    steps += [cal, meas]
 
     compiles, strategies, evals = {}, {}, {}
     for bpw in cfg.quant.bpws:
