@@ -108,11 +108,16 @@ def test_render_chat_with_template_and_fallback():
 def test_chat_session(tiny_llama):
     (tiny_llama / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"}))
-    inputs = iter(["Hello there", "/reset", "Again", "/exit", "never read"])
+    inputs = iter(["Hello there", "/reset", "/rest", "Again", "/exit", "never read"])
     out = []
     msgs = chat_session(tiny_llama, max_new_tokens=3, input_fn=lambda _: next(inputs), echo=out.append)
     assert [m["role"] for m in msgs] == ["user", "assistant"] and msgs[0]["content"] == "Again"
     assert "chat template" in out[0] and sum("tok/s" in ln for ln in out) == 2
+    assert "unknown command /rest: /reset clears the conversation, /exit quits" in out
+    for quit_word in ("/quit", "/bye"):
+        words = iter([quit_word, "never read"])
+        msgs = chat_session(tiny_llama, max_new_tokens=3, input_fn=lambda _: next(words), echo=out.append)
+        assert msgs == []
 
 
 def test_run_commands_return_exit_codes(tiny_llama, wiki_test):

@@ -208,10 +208,14 @@ def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True) -
     return text, False
 
 
+CHAT_QUIT = ("/exit", "/quit", "/bye")
+
+
 def chat_session(model_dir, max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
                  system: str | None = None, device=None, *, input_fn: Callable[[str], str] = input,
                  echo: Callable[[str], None] = print) -> list[dict]:
-    """Interactive chat: /reset clears the conversation, /exit (or end of input) quits. Returns the messages."""
+    """Interactive chat: /reset clears the conversation, /exit or /quit (or end of input) quits; another
+    one-word /command is refused, not sent to the model. Returns the messages."""
     from exl2build.model.generate import generate
 
     model, tok = _load(model_dir, device)
@@ -224,12 +228,16 @@ def chat_session(model_dir, max_new_tokens: int = 512, temperature: float = 0.7,
             line = input_fn("> ")
         except (EOFError, KeyboardInterrupt):
             break
-        if line.strip() == "/exit":
+        word = line.strip()
+        if word in CHAT_QUIT:
             break
-        if line.strip() == "/reset":
+        if word == "/reset":
             messages = list(start)
             continue
-        if not line.strip():
+        if word.startswith("/") and len(word.split()) == 1:  # a mistyped command is not a message
+            echo(f"unknown command {word}: /reset clears the conversation, /exit quits")
+            continue
+        if not word:
             continue
         messages.append({"role": "user", "content": line})
         text, bos = render_chat(tok, messages)
