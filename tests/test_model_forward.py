@@ -56,6 +56,68 @@ def test_forward_matches_transformers(tmp_path, kw):
     torch.testing.assert_close(model.head(model.hidden(ids)), ours)
 
 
+SLIDING = [
+    ("MistralForCausalLM", dict(sliding_window=6), [6, 6]),
+    # Qwen2: a window only with use_sliding_window, from layer max_window_layers on.
+    ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1), [None, 6]),
+    ("Qwen2ForCausalLM", dict(use_sliding_window=False, sliding_window=6), []),
+]
+
+
+def _windowed(tmp_path, arch, keys):
+    d = make_tiny_llama(tmp_path / "m", arch=arch, qkv_bias=arch == "Qwen2ForCausalLM", heads=8, kv_heads=2)
+    c = json.loads((d / "config.json").read_text())
+    c.update(keys)
+    (d / "config.json").write_text(json.dumps(c))
+    return d
+
+
+@pytest.mark.parametrize("arch,keys,windows", SLIDING)
+def test_sliding_window_matches_transformers(tmp_path, arch, keys, windows):
+    """Sequences longer than the window: each query sees only the last `window` keys, as transformers does."""
+    d = _windowed(tmp_path, arch, keys)
+    model, cfg = load_model(d)
+    assert cfg.sliding_windows == windows
+    ids = _ids()  # 19 tokens > the window of 6
+    ours = model(ids)
+    torch.testing.assert_close(ours, _hf_logits(d, arch, ids), atol=1e-4, rtol=1e-4)
+    # Through the KV cache in pieces (history + several tokens, then one at a time), and the
+    # static (CUDA-graph) step's masked attention: the same logits.
+    cache = model.new_cache(2, 24)
+    parts = [model(ids[:, a:b], cache) for a, b in ((0, 4), (4, 13), (13, 14), (14, 15))]
+    static = model.new_cache(2, 24)
+    model(ids[:, :15], static)
+    model.rotary.ensure(24)
+    for i in range(15, 19):
+        static.pos_t = torch.tensor([static.length])
+        parts.append(model(ids[:, i : i + 1], static))
+        static.pos_t = None
+        static.length += 1
+    torch.testing.assert_close(torch.cat(parts, 1), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_sliding_window_changes_only_long_sequences(tmp_path):
+    d = _windowed(tmp_path, "MistralForCausalLM", dict(sliding_window=6))
+    windowed, _ = load_model(d)
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**c, "sliding_window": None}))
+    full, cfg = load_model(d)
+    assert cfg.sliding_windows == []
+    ids = _ids()
+    torch.testing.assert_close(windowed(ids[:, :6]), full(ids[:, :6]))
+    assert not torch.allclose(windowed(ids)[:, 6:], full(ids)[:, 6:], atol=1e-3)
+
+
+@pytest.mark.parametrize("keys,match", [
+    (dict(sliding_window=0), "sliding_window=0 is not a positive number"),
+    (dict(sliding_window="4k"), "sliding_window='4k'"),
+])
+def test_bad_sliding_window_is_input_error(tmp_path, keys, match):
+    d = _windowed(tmp_path, "MistralForCausalLM", keys)
+    with pytest.raises(InputError, match=match):
+        ModelConfig.from_dir(d)
+
+
 def test_kv_cache_matches_full_forward(tiny_llama):
     model, _ = load_model(tiny_llama)
     ids = _ids(T=24)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import weakref
 
 import torch
@@ -49,9 +50,15 @@ def test_split_block_is_the_block_bit_for_bit(tmp_path):
     from exl2build.model.weights import WeightStore
     from exl2build.quant import layerwise as lw
 
-    for name, kw in (("gqa", dict(heads=4, kv_heads=2)), ("bias", dict(heads=2, kv_heads=2, qkv_bias=True, arch="Qwen2ForCausalLM"))):
+    cases = (("gqa", dict(heads=4, kv_heads=2)), ("bias", dict(heads=2, kv_heads=2, qkv_bias=True, arch="Qwen2ForCausalLM")),
+             ("window", dict(heads=4, kv_heads=2, arch="MistralForCausalLM")))
+    for name, kw in cases:
         model = make_tiny_llama(tmp_path / name, layers=1, hidden=64, intermediate=96, vocab=256, **kw)
+        if name == "window":  # a sliding window shorter than the 17-token rows
+            c = json.loads((model / "config.json").read_text())
+            (model / "config.json").write_text(json.dumps({**c, "sliding_window": 5}))
         cfg = ModelConfig.from_dir(model)
+        assert cfg.sliding_windows == ([5] if name == "window" else [])
         store = WeightStore(model)
         layer = load_layer(store, cfg, 0)
         store.close()

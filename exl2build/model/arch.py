@@ -1,7 +1,8 @@
 """Registry of supported decoder architectures and the facts that differ between them.
 
 All three are the same Llama-style pre-norm decoder (RMSNorm, RoPE, GQA attention,
-SwiGLU MLP); they differ only in whether q/k/v carry a bias and in naming details.
+SwiGLU MLP); they differ only in whether q/k/v carry a bias, how the config sets a sliding
+attention window, and naming details.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ class ArchSpec:
     attn_linears: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     mlp_linears: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
-    # Sliding-window attention (Mistral, some Qwen2) is not applied: windows are longer
-    # than every context we evaluate at, so full causal attention gives the same result.
-    sliding_window_ignored: bool = False
+    # How config.json sets sliding-window attention (ModelConfig.sliding_windows): "none";
+    # "mistral": every layer, `sliding_window` (4096 where the key is absent, as transformers);
+    # "qwen2": only with `use_sliding_window`, on the layers `layer_types` (or max_window_layers) names.
+    sliding_window: str = "none"
 
     def layer_key(self, i: int) -> str:
         return f"{self.layer_prefix}.{i}"
@@ -37,8 +39,8 @@ class ArchSpec:
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec("LlamaForCausalLM", "llama", qkv_bias=False),
-    "MistralForCausalLM": ArchSpec("MistralForCausalLM", "mistral", qkv_bias=False, sliding_window_ignored=True),
-    "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM", "qwen2", qkv_bias=True, sliding_window_ignored=True),
+    "MistralForCausalLM": ArchSpec("MistralForCausalLM", "mistral", qkv_bias=False, sliding_window="mistral"),
+    "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM", "qwen2", qkv_bias=True, sliding_window="qwen2"),
 }
 
 

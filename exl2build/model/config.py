@@ -30,6 +30,27 @@ def _first_id(v: Any) -> int | None:
     return None if v is None else int(v)
 
 
+def _sliding_windows(rule: str, c: dict, layers: int, source: str) -> list:
+    """ModelConfig.sliding_windows as transformers reads the config (ArchSpec.sliding_window)."""
+    if rule == "mistral":
+        window = c.get("sliding_window", 4096)
+        on = [True] * layers
+    elif rule == "qwen2" and c.get("use_sliding_window"):
+        window = c.get("sliding_window", 4096)
+        types = c.get("layer_types")
+        if types is not None and len(types) != layers:
+            raise InputError(f"{source}: layer_types has {len(types)} entries for {layers} layers. Give one per layer.")
+        first = int(c.get("max_window_layers", 28))
+        on = [t == "sliding_attention" for t in types] if types is not None else [i >= first for i in range(layers)]
+    else:
+        return []
+    if window is None or not any(on):
+        return []
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise InputError(f"{source}: sliding_window={window!r} is not a positive number of tokens. Fix it, or set it to null.")
+    return [window if o else None for o in on]
+
+
 @dataclass
 class ModelConfig:
     arch: str
@@ -49,12 +70,18 @@ class ModelConfig:
     eos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     quantization_config: dict | None = None
+    # Per layer: the sliding attention window (a query sees itself and the window - 1 tokens
+    # before it) or None for full causal attention; empty where no layer has a window.
+    sliding_windows: list = field(default_factory=list)
     path: Path | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
     def spec(self) -> ArchSpec:
         return get_arch(self.arch)
+
+    def window_of(self, layer: int) -> int | None:
+        return self.sliding_windows[layer] if self.sliding_windows else None
 
     @property
     def is_exl2(self) -> bool:
@@ -99,6 +126,7 @@ class ModelConfig:
             eos_token_id=_first_id(eos),
             eos_token_ids=eos_ids,
             quantization_config=c.get("quantization_config"),
+            sliding_windows=_sliding_windows(spec.sliding_window, c, int(need("num_hidden_layers")), source),
             path=path,
             raw=c,
         )

@@ -182,6 +182,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return kernels_ref.rope(x, cos, sin)
 
 
+# ---------------------------------------------------------------- attention masks
+
+
+def causal_mask(past: int, T: int, device, window: int | None = None) -> torch.Tensor:
+    """bool [T, past + T]: query i, at absolute position past + i, sees the keys j <= past + i and,
+    with a sliding window, only the last `window` of them (j > past + i - window, as transformers)."""
+    qi = torch.arange(T, device=device)[:, None] + past
+    kj = torch.arange(past + T, device=device)[None, :]
+    allowed = kj <= qi
+    return allowed & (kj > qi - window) if window is not None else allowed
+
+
+def causal_attention(q, k, v, window: int | None = None) -> torch.Tensor:
+    """SDPA of the T queries over the keys of the same T tokens (no history), [B, H, T, D]. A
+    window shorter than T needs an explicit mask; otherwise SDPA's own causal mask serves."""
+    T, gqa = q.shape[2], q.shape[1] != k.shape[1]
+    if window is not None and T > window:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(0, T, q.device, window), enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+
+
 # ---------------------------------------------------------------- KV cache
 
 
@@ -198,21 +219,24 @@ class KVCache:
         # there (decode_attention over the keys stored so far, or SDPA with a mask over the
         # whole buffer), so one captured step serves every position.
         self.pos_t: torch.Tensor | None = None  # LongTensor [T] of the positions being written
-        self.mask: torch.Tensor | None = None  # additive [T, max_len] (0 / -inf) of this step, see step_mask
+        # additive [T, max_len] (0 / -inf) masks of this step, per sliding window (None: full), see step_mask
+        self.masks: dict[int | None, torch.Tensor] = {}
         self._arange: torch.Tensor | None = None
 
-    def static_mask(self) -> torch.Tensor:
+    def static_mask(self, window: int | None = None) -> torch.Tensor:
         if self._arange is None or self._arange.device != self.pos_t.device:
             self._arange = torch.arange(self.max_len, device=self.pos_t.device)
-        return self._arange[None, :] <= self.pos_t[:, None]
+        kj, qi = self._arange[None, :], self.pos_t[:, None]
+        allowed = kj <= qi
+        return allowed & (kj > qi - window) if window is not None else allowed
 
-    def step_mask(self, dtype: torch.dtype) -> torch.Tensor:
+    def step_mask(self, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
         """The additive attention mask of this static step, made by the first layer that needs it
-        (Model.hidden clears it per call; with the decode-attention kernel no layer does)."""
-        if self.mask is None:
-            allowed = self.static_mask()
-            self.mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-        return self.mask
+        (Model.hidden clears them per call; with the decode-attention kernel no layer does)."""
+        if window not in self.masks:
+            allowed = self.static_mask(window)
+            self.masks[window] = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        return self.masks[window]
 
     def store_static(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k[layer].index_copy_(2, self.pos_t, k)
@@ -246,6 +270,7 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.layer_idx = layer_idx
+        self.window = cfg.window_of(layer_idx)  # sliding attention window, or None
         # A plain attribute (not a submodule) so one table is shared by every layer.
         self.__dict__["rotary"] = rotary
 
@@ -266,7 +291,9 @@ class Attention(nn.Module):
             cos, sin = self.rotary.cos_sin(cache.length if cache is not None else pos, T, x.dtype)
         past = cache.length if cache is not None and not static else 0
         # The CUDA-graph decode step's attention through kernels.decode_attention (where it applies).
-        decode_kernel = static and T == 1 and DECODE_ATTENTION and _ops(x) is kernels
+        # It attends to every stored key: not for a sliding window the cache can outgrow.
+        decode_kernel = (static and T == 1 and DECODE_ATTENTION and _ops(x) is kernels
+                         and (self.window is None or cache.max_len <= self.window))
         if decode_kernel and kernels.decode_attention_rope_applies(q, cache.k[self.layer_idx]):
             # One kernel for RoPE, the cache stores and the attention over the keys stored so far.
             o = kernels.decode_attention(q, cache.k[self.layer_idx], cache.v[self.layer_idx], cache.pos_t,
@@ -297,17 +324,14 @@ class Attention(nn.Module):
             o = kernels.decode_attention(q.transpose(1, 2).reshape(B, 1, H * D), k, v, cache.pos_t)
             return self.o_proj(o)
         if static:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.step_mask(x.dtype), enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.step_mask(x.dtype, self.window), enable_gqa=gqa)
         elif past == 0:
             # Square causal mask; SDPA aligns is_causal top-left, so only valid without history.
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        elif T == 1:
+            o = causal_attention(q, k, v, self.window)
+        elif T == 1 and (self.window is None or past < self.window):
             o = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
-            # Query i sits at absolute position past+i and may see keys 0..past+i.
-            qi = torch.arange(T, device=x.device)[:, None] + past
-            kj = torch.arange(past + T, device=x.device)[None, :]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=kj <= qi, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(past, T, x.device, self.window), enable_gqa=gqa)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -403,7 +427,7 @@ class Model(nn.Module):
         # a bool mask is converted inside every attention call otherwise).
         dtype = x.dtype
         if static:
-            cache.mask = None
+            cache.masks = {}
             rope = self.rotary.gather(cache.pos_t, dtype)
         else:
             rope = self.rotary.cos_sin(pos, ids.shape[1], dtype)

@@ -17,13 +17,12 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from exl2build.errors import InputError
 from exl2build.model.config import ModelConfig
 from exl2build.model.linear import FP16Linear
 from exl2build.model.load import load_embedding, load_layer
-from exl2build.model.forward import RotaryEmbedding, apply_rope, swiglu
+from exl2build.model.forward import RotaryEmbedding, apply_rope, causal_attention, swiglu
 from exl2build.model.weights import WeightStore
 from exl2build.quant import layerwise as lw
 from exl2build.quant.gptq import as_scale_search, quantize_linear
@@ -124,7 +123,7 @@ def _block_rest(layer, kind: str, x: torch.Tensor, prefix, lins: dict) -> torch.
     z, q, k = prefix
     B, T, _ = z.shape
     v = lins["v_proj"](z).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=a.num_heads != a.num_kv_heads)
+    o = causal_attention(q, k, v, a.window)
     return x + lins["o_proj"](o.transpose(1, 2).reshape(B, T, a.num_heads * a.head_dim))
 
 
