@@ -249,6 +249,29 @@ def test_hf_dir_import_validates(tiny_llama, tmp_path):
         import_source(tiny_llama, tmp_path / "out")
 
 
+def test_hf_dir_with_tensors_the_forward_would_drop_is_refused(tiny_llama, tmp_path):
+    from safetensors.torch import save_file
+
+    t = load_file(tiny_llama / "model.safetensors")
+    t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)  # old checkpoints carry it: harmless
+    save_file(t, tiny_llama / "model.safetensors")
+    import_source(tiny_llama, tmp_path / "ok")
+    t["model.layers.1.self_attn.o_proj.bias"] = torch.zeros(128, dtype=torch.float16)
+    t["model.layers.1.mlp.down_proj.bias"] = torch.zeros(128, dtype=torch.float16)
+    save_file(t, tiny_llama / "model.safetensors")
+    with pytest.raises(InputError, match=r"'model\.layers\.1\.mlp\.down_proj\.bias' \(and 1 more\) is not part of a "
+                                         r"LlamaForCausalLM layer.*would drop it"):
+        import_source(tiny_llama, tmp_path / "out")
+
+
+@pytest.mark.parametrize("key", ["attention_bias", "mlp_bias"])
+def test_llama_config_with_biased_linears_is_refused(tiny_llama, tmp_path, key):
+    c = json.loads((tiny_llama / "config.json").read_text())
+    (tiny_llama / "config.json").write_text(json.dumps({**c, key: True}))
+    with pytest.raises(InputError, match=f"{key}=true .* is not supported for LlamaForCausalLM"):
+        import_source(tiny_llama, tmp_path / "out")
+
+
 def test_bin_import_with_tied_fp32_weights(tmp_path):
     hf = make_tiny_llama(tmp_path / "hf", tie=True)
     sd = {k: v.float() for k, v in load_file(hf / "model.safetensors").items()}

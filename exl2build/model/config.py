@@ -135,6 +135,10 @@ class ModelConfig:
                 f"{source}: num_attention_heads={cfg.num_heads} is not a multiple of "
                 f"num_key_value_heads={cfg.num_kv_heads}; the config is inconsistent."
             )
+        for key in ("attention_bias", "mlp_bias"):  # transformers' Llama/Mistral options for biased linears
+            if c.get(key):
+                raise InputError(f"{source}: {key}=true (biases on every {'attention' if key[0] == 'a' else 'MLP'} "
+                                 f"linear) is not supported for {spec.name}. Use a model without them.")
         act = c.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise InputError(f"{source}: hidden_act={act!r} is not supported (only 'silu').")

@@ -112,6 +112,17 @@ def validate_hf_dir(path: Path) -> ModelConfig:
                 f"{store.file_of(name)}: tensor {name!r} has shape {list(got)} but config.json implies "
                 f"{list(shape)}. The weights do not match the config; use the matching config.json."
             )
+    # A layer tensor the forward pass does not read (a bias, an extra norm) would be dropped
+    # without a word and the converted model would be wrong. RoPE's inv_freq is recomputed.
+    unused = sorted(n for n in store.names() if n.startswith(f"{spec.layer_prefix}.") and n not in expect
+                    and not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise InputError(
+            f"{store.file_of(unused[0])}: tensor {unused[0]!r}{more} is not part of a {spec.name} layer as "
+            "exl2build runs it, so converting would drop it and change the model. Use a model whose layers hold "
+            "only the standard weights (biases only where the architecture has them, e.g. Qwen2's q/k/v)."
+        )
     store.close()
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
         raise InputError(
