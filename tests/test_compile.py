@@ -61,6 +61,23 @@ def test_single_file_and_copies(tmp_path):
             assert torch.equal(t[k], v)
 
 
+def test_rope_parameters_also_written_as_the_keys_exllamav2_reads(tmp_path):
+    """transformers 5 keeps RoPE in `rope_parameters`; exllamav2 reads `rope_theta` / `rope_scaling`."""
+    src = _source(tmp_path / "src")
+    rp = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "rope_parameters": rp}))
+    compile_full(src, _quantized(tmp_path / "q"), tmp_path / "out", 0, QC)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["rope_parameters"] == rp and cfg["rope_theta"] == 500000.0
+    assert cfg["rope_scaling"] == {k: v for k, v in rp.items() if k != "rope_theta"}
+    # No scaling: theta alone; a config in the old spelling is copied as it is.
+    (src / "config.json").write_text(json.dumps({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}))
+    compile_full(src, _quantized(tmp_path / "q2"), tmp_path / "out2", 0, QC)
+    cfg = json.loads((tmp_path / "out2" / "config.json").read_text())
+    assert cfg["rope_theta"] == 1e6 and "rope_scaling" not in cfg
+
+
 def test_shards_stay_within_size_and_are_deterministic(tmp_path):
     src, q = _source(tmp_path / "src"), _quantized(tmp_path / "q", layers=6)
     limit_mb = 0.04  # ~42 KB: each layer's 16 KB q_weight forces several shards

@@ -196,6 +196,26 @@ def test_observe_hook_sees_linear_inputs(tiny_llama):
     assert seen == [torch.Size([12, cfg.hidden_size])]
 
 
+def test_config_saved_by_transformers_5_matches_transformers(tiny_llama, tmp_path):
+    """transformers 5 writes RoPE as `rope_parameters` (theta inside, no top-level rope_theta)."""
+    import transformers
+
+    c = json.loads((tiny_llama / "config.json").read_text())
+    c.update(rope_theta=500000.0, max_position_embeddings=256, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+    (tiny_llama / "config.json").write_text(json.dumps(c))
+    transformers.AutoConfig.from_pretrained(tiny_llama).save_pretrained(tiny_llama)
+    saved = json.loads((tiny_llama / "config.json").read_text())
+    if "rope_theta" in saved:
+        pytest.skip("this transformers writes the old top-level RoPE keys")
+    assert saved["rope_parameters"]["rope_theta"] == 500000.0
+    model, cfg = load_model(tiny_llama)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["rope_type"] == "llama3"
+    ids = _ids(T=40)
+    torch.testing.assert_close(model(ids), _hf_logits(tiny_llama, "LlamaForCausalLM", ids), atol=1e-4, rtol=1e-4)
+
+
 def test_rope_scaling_variants(tiny_llama):
     cfg = ModelConfig.from_dir(tiny_llama)
     base = RotaryEmbedding(cfg).inv_freq

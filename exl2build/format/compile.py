@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from exl2build.errors import InputError, StepError
+from exl2build.model.config import rope_keys
 
 MB = 1024 * 1024
 # Source files that are weights (or index files pointing at weights) are not copied.
@@ -116,6 +117,12 @@ def compile_full(source_dir, quantized_dir, out_dir, shard_size_mb: float, quant
             shutil.copyfile(p, out_dir / p.name)
     config = json.loads((source_dir / "config.json").read_text())
     config["quantization_config"] = quant_config
+    if "rope_theta" not in config and "rope_parameters" in config:
+        # exllamav2 reads RoPE from the top-level keys only; transformers 5 writes rope_parameters
+        # instead. Spell it both ways, or exllamav2 would run the model at theta 10000.
+        config["rope_theta"], scaling = rope_keys(config)
+        if scaling is not None:
+            config["rope_scaling"] = scaling
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"files": files, "bytes": sum(sizes.values()), "tensors": len(names)}
 

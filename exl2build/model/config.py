@@ -30,6 +30,18 @@ def _first_id(v: Any) -> int | None:
     return None if v is None else int(v)
 
 
+def rope_keys(c: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) of a config.json in either spelling: the top-level keys, or the
+    `rope_parameters` dict that transformers 5 writes instead (theta inside, rope_type "default"
+    for no scaling). Read only the old keys and a transformers-5 config would silently get 10000."""
+    rp = c.get("rope_parameters")
+    if isinstance(rp, dict) and ("rope_theta" in rp or "rope_type" in rp):
+        theta = rp.get("rope_theta", c.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        return float(theta), (scaling if scaling.get("rope_type", "default") != "default" else None)
+    return float(c.get("rope_theta", 10000.0)), c.get("rope_scaling")
+
+
 def _sliding_windows(rule: str, c: dict, layers: int, source: str) -> list:
     """ModelConfig.sliding_windows as transformers reads the config (ArchSpec.sliding_window)."""
     if rule == "mistral":
@@ -106,6 +118,7 @@ class ModelConfig:
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         head_dim = c.get("head_dim") or hidden // heads
+        rope_theta, rope_scaling = rope_keys(c)
         eos = c.get("eos_token_id")
         eos_ids = [int(x) for x in eos] if isinstance(eos, list) else ([] if eos is None else [int(eos)])
         cfg = cls(
@@ -118,8 +131,8 @@ class ModelConfig:
             head_dim=int(head_dim),
             vocab_size=int(need("vocab_size")),
             rms_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(c.get("rope_theta", 10000.0)),
-            rope_scaling=c.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
             bos_token_id=_first_id(c.get("bos_token_id")),
