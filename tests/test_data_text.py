@@ -44,6 +44,17 @@ def test_special_ids_and_template_from_configs(tmp_path):
     assert tok.bos_id == 1 and tok.eos_id == 7 and tok.chat_template == "{{ bos_token }}"
 
 
+def test_chat_template_where_transformers_keeps_it(tmp_path):
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes(_require(LLAMA2_TOKENIZER).read_bytes())
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert Tokenizer.from_dir(d).chat_template == "D"  # a list of named templates: "default"
+    (d / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # transformers 4.43+ saves this
+    assert Tokenizer.from_dir(d).chat_template == "{{ messages[0]['content'] }}"
+
+
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(InputError, match="no tokenizer"):
         Tokenizer.from_dir(tmp_path)

@@ -35,6 +35,19 @@ def _first(v) -> int | None:
     return None if v is None else int(v)
 
 
+def _chat_template(path: Path, tcfg: dict) -> str | None:
+    """The chat template where transformers looks for it: chat_template.jinja (what transformers
+    4.43+ saves) before tokenizer_config.json's chat_template, which is a string or a list of
+    named templates (the one named "default" is the chat template)."""
+    f = path / "chat_template.jinja"
+    if f.is_file():
+        return f.read_text(encoding="utf-8")
+    t = tcfg.get("chat_template")
+    if isinstance(t, list):
+        t = next((e.get("template") for e in t if isinstance(e, dict) and e.get("name") == "default"), None)
+    return t if isinstance(t, str) else None
+
+
 class Tokenizer:
     def __init__(self, backend: str, impl, path: Path, bos_id: int | None, eos_id: int | None,
                  chat_template: str | None):
@@ -62,8 +75,7 @@ class Tokenizer:
                 f"{path}: no tokenizer found (expected tokenizer.json or tokenizer.model). Copy the "
                 "tokenizer files of the source model into this folder."
             )
-        template = tcfg.get("chat_template")
-        tok = cls(backend, impl, path, None, None, template if isinstance(template, str) else None)
+        tok = cls(backend, impl, path, None, None, _chat_template(path, tcfg))
         tok.bos_id = tok._special(gcfg, mcfg, tcfg, "bos")
         tok.eos_id = tok._special(gcfg, mcfg, tcfg, "eos")
         return tok
