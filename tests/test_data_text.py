@@ -55,6 +55,25 @@ def test_chat_template_where_transformers_keeps_it(tmp_path):
     assert Tokenizer.from_dir(d).chat_template == "{{ messages[0]['content'] }}"
 
 
+def test_adds_bos_follows_the_model_tokenizer(tmp_path, llama_tok):
+    """generate starts a prompt with BOS only where transformers would (add_bos_token, else
+    tokenizer.json's post-processor, else sentencepiece's Llama convention)."""
+    assert llama_tok.adds_bos is True  # a bare Llama-2 tokenizer.model
+    (llama_tok.path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    assert Tokenizer.from_dir(llama_tok.path).adds_bos is False
+    from tokenizers import Tokenizer as HFTok, models, processors
+
+    for post, want in ((None, False), (processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)]), True)):
+        hf = HFTok(models.WordLevel({"<s>": 0, "a": 1, "[UNK]": 2}, unk_token="[UNK]"))
+        if post is not None:
+            hf.post_processor = post
+        d = tmp_path / f"bpe{want}"
+        d.mkdir()
+        hf.save(str(d / "tokenizer.json"))
+        (d / "config.json").write_text(json.dumps({"bos_token_id": 0}))
+        assert Tokenizer.from_dir(d).adds_bos is want
+
+
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(InputError, match="no tokenizer"):
         Tokenizer.from_dir(tmp_path)

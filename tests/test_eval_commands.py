@@ -84,7 +84,7 @@ def test_generate_prints_text_and_speed(tiny_llama):
 
 
 class _Tok:
-    path, backend, bos_id, eos_id = "tok", "sentencepiece", 1, 2
+    path, backend, bos_id, eos_id, adds_bos = "tok", "sentencepiece", 1, 2, True
 
     def __init__(self, template):
         self.chat_template = template

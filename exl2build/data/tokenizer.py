@@ -57,6 +57,7 @@ class Tokenizer:
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.chat_template = chat_template
+        self.adds_bos = False  # whether the model's own tokenizer starts a text with BOS (from_dir)
 
     # -- construction
 
@@ -78,7 +79,20 @@ class Tokenizer:
         tok = cls(backend, impl, path, None, None, _chat_template(path, tcfg))
         tok.bos_id = tok._special(gcfg, mcfg, tcfg, "bos")
         tok.eos_id = tok._special(gcfg, mcfg, tcfg, "eos")
+        tok.adds_bos = tok._adds_bos(tcfg)
         return tok
+
+    def _adds_bos(self, tcfg: dict) -> bool:
+        """As transformers encodes a prompt: tokenizer_config.json's add_bos_token where set, else what
+        tokenizer.json's post-processor adds, else (a bare sentencepiece model) Llama's BOS."""
+        if self.bos_id is None:
+            return False
+        if isinstance(tcfg.get("add_bos_token"), bool):
+            return tcfg["add_bos_token"]
+        if self.backend == "tokenizers":
+            ids = self._impl.encode("a", add_special_tokens=True).ids
+            return bool(ids) and ids[0] == self.bos_id
+        return True
 
     @staticmethod
     def _open_tokenizers(f: Path):

@@ -168,9 +168,9 @@ def generate_once(model_dir, prompt: str, max_new_tokens: int = 256, temperature
     if int(max_new_tokens) < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens}: must be at least 1.")
     model, tok = _load(model_dir, device)
-    ids = tok.encode(str(prompt), bos=tok.bos_id is not None)
+    ids = tok.encode(str(prompt), bos=tok.adds_bos)
     if not ids:
-        raise ConfigError("prompt is empty and the tokenizer has no BOS token to start from. Pass prompt=\"...\".")
+        raise ConfigError("prompt is empty and the tokenizer does not start a text with BOS. Pass prompt=\"...\".")
     r = generate(model, tok, ids, int(max_new_tokens), float(temperature), float(top_p), int(seed))
     echo(str(prompt) + tok.decode([i for i in r.new_ids if i != tok.eos_id]))
     echo(f"\n[{r.prompt_tokens} prompt tokens at {r.prefill_tps:,.0f} tok/s; {r.new_tokens} new tokens, "
@@ -193,7 +193,7 @@ def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True) -
         template = None
     if not template:
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        return text + ("Assistant:" if add_generation_prompt else ""), tok.bos_id is not None
+        return text + ("Assistant:" if add_generation_prompt else ""), tok.adds_bos
 
     def raise_exception(msg):
         raise InputError(f"{tok.path}: the chat template refused the conversation: {msg}")
