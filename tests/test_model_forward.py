@@ -146,12 +146,32 @@ def test_generation_stops_at_eos(tiny_llama):
     # not a step at which generate looks at the finished flag (every EOS_CHECK_EVERY steps).
     for eos in dict.fromkeys(free.new_ids):
         first = free.new_ids.index(eos)
-        res = generate(model, types.SimpleNamespace(eos_id=eos), [1, 2, 3], 40)
+        res = generate(model, types.SimpleNamespace(stop_ids=[eos]), [1, 2, 3], 40)
         assert res.new_ids == free.new_ids[: first + 1] and res.stopped_at_eos
         # The speed counts the steps run: up to the next flag read (every EOS_CHECK_EVERY steps).
         assert res.decode_steps == min((first // EOS_CHECK_EVERY + 1) * EOS_CHECK_EVERY, 40) - 1
-        res = generate(model, types.SimpleNamespace(eos_id=eos), [1, 2, 3], 40, stop_at_eos=False)
+        res = generate(model, types.SimpleNamespace(stop_ids=[eos]), [1, 2, 3], 40, stop_at_eos=False)
         assert res.new_ids == free.new_ids and not res.stopped_at_eos
+
+
+def test_generation_stops_at_any_stop_id(tiny_llama):
+    """An instruct model ends a turn with one of several ids (generation_config's eos list)."""
+    model, _ = load_model(tiny_llama)
+    free = generate(model, None, [1, 2, 3], 40).new_ids
+    late, early = free[-1], free[3]
+    first = min(free.index(late), free.index(early))
+    res = generate(model, types.SimpleNamespace(stop_ids=[late, early]), [1, 2, 3], 40)
+    assert res.new_ids == free[: first + 1] and res.stopped_at_eos
+
+
+def test_stop_ids_gather_every_eos(tmp_path):
+    from exl2build.data.tokenizer import Tokenizer
+
+    d = make_tiny_llama(tmp_path / "m")
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 9]}))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<unk>"}))  # id 0 in the Llama-2 model
+    tok = Tokenizer.from_dir(d)
+    assert tok.eos_id == 2 and tok.stop_ids == [2, 7, 9, 0]
 
 
 def test_batched_generation_stops_when_every_row_has_ended(tiny_llama):
@@ -159,11 +179,11 @@ def test_batched_generation_stops_when_every_row_has_ended(tiny_llama):
     prompts = _ids(B=2, T=4)
     a, b = generate(model, None, prompts, 30).rows
     only_a = next(t for t in a[3:] if t not in b)  # row b never produces it: no stop
-    res = generate(model, types.SimpleNamespace(eos_id=only_a), prompts, 30)
+    res = generate(model, types.SimpleNamespace(stop_ids=[only_a]), prompts, 30)
     assert res.rows == [a, b] and not res.stopped_at_eos
     # Both rows the same prompt: they end together, at the first EOS.
     same = torch.stack([prompts[0], prompts[0]])
-    res = generate(model, types.SimpleNamespace(eos_id=a[5]), same, 30)
+    res = generate(model, types.SimpleNamespace(stop_ids=[a[5]]), same, 30)
     end = a.index(a[5])
     assert res.rows == [a[: end + 1]] * 2 and res.stopped_at_eos
 

@@ -58,6 +58,9 @@ class Tokenizer:
         self.eos_id = eos_id
         self.chat_template = chat_template
         self.adds_bos = False  # whether the model's own tokenizer starts a text with BOS (from_dir)
+        # Every id that ends generation, eos_id first: an instruct model's generation_config often
+        # lists several (Llama-3.1: end of text, end of message, end of turn).
+        self.stop_ids: list[int] = [] if eos_id is None else [eos_id]
 
     # -- construction
 
@@ -80,7 +83,19 @@ class Tokenizer:
         tok.bos_id = tok._special(gcfg, mcfg, tcfg, "bos")
         tok.eos_id = tok._special(gcfg, mcfg, tcfg, "eos")
         tok.adds_bos = tok._adds_bos(tcfg)
+        tok.stop_ids = tok._stop_ids(gcfg, mcfg, tcfg)
         return tok
+
+    def _stop_ids(self, gcfg: dict, mcfg: dict, tcfg: dict) -> list[int]:
+        """eos_id, then the other eos ids of generation_config.json and config.json (int or list)
+        and tokenizer_config.json's eos_token, each once."""
+        ids = [] if self.eos_id is None else [self.eos_id]
+        for v in (gcfg.get("eos_token_id"), mcfg.get("eos_token_id")):
+            ids += [int(x) for x in (v if isinstance(v, list) else [v]) if x is not None]
+        s = _token_str(tcfg.get("eos_token"))
+        if s is not None and self.token_to_id(s) is not None:
+            ids.append(self.token_to_id(s))
+        return list(dict.fromkeys(ids))
 
     def _adds_bos(self, tcfg: dict) -> bool:
         """As transformers encodes a prompt: tokenizer_config.json's add_bos_token where set, else what

@@ -172,7 +172,7 @@ def generate_once(model_dir, prompt: str, max_new_tokens: int = 256, temperature
     if not ids:
         raise ConfigError("prompt is empty and the tokenizer does not start a text with BOS. Pass prompt=\"...\".")
     r = generate(model, tok, ids, int(max_new_tokens), float(temperature), float(top_p), int(seed))
-    echo(str(prompt) + tok.decode([i for i in r.new_ids if i != tok.eos_id]))
+    echo(str(prompt) + tok.decode([i for i in r.new_ids if i not in tok.stop_ids]))
     echo(f"\n[{r.prompt_tokens} prompt tokens at {r.prefill_tps:,.0f} tok/s; {r.new_tokens} new tokens, "
          f"decode {r.decode_tps:,.1f} tok/s{'; stopped at EOS' if r.stopped_at_eos else ''}; {model.device}]")
     return r
@@ -243,7 +243,7 @@ def chat_session(model_dir, max_new_tokens: int = 512, temperature: float = 0.7,
         text, bos = render_chat(tok, messages)
         ids = tok.encode(text, bos=bos)
         r = generate(model, tok, ids, int(max_new_tokens), float(temperature), float(top_p), int(seed) + len(messages))
-        reply = tok.decode([i for i in r.new_ids if i != tok.eos_id])
+        reply = tok.decode([i for i in r.new_ids if i not in tok.stop_ids])
         if not tok.chat_template:
             reply = reply.split("\nUser:")[0]  # the plain transcript has no stop token of its own
         reply = reply.strip()

@@ -139,6 +139,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _is_stop(t: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    # One compare for the usual single stop id; isin for a list.
+    return t == stops[0] if stops.numel() == 1 else torch.isin(t, stops)
+
+
 @torch.no_grad()
 def generate(model: Model, tok, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
@@ -159,7 +164,8 @@ def generate(model: Model, tok, prompt_ids, max_new_tokens: int, temperature: fl
     device = model.device
     ids = ids.to(device)
     gen = torch.Generator().manual_seed(seed)
-    eos = getattr(tok, "eos_id", None) if tok is not None else None
+    stops = list(getattr(tok, "stop_ids", None) or [])  # tok may be None: no stop ids
+    stop_t = torch.tensor(stops, dtype=torch.long, device=device)
     if cuda_graph is None:
         cuda_graph = os.environ.get("EXL2BUILD_NO_CUDA_GRAPH", "") != "1"
     cuda_graph = cuda_graph and device.type == "cuda" and max_new_tokens > 2
@@ -179,12 +185,12 @@ def generate(model: Model, tok, prompt_ids, max_new_tokens: int, temperature: fl
     if cuda_graph and dec is None:
         dec, graph_s = _capture(model, cache, B, T + max_new_tokens)
     decode = dec.step if dec is not None else (lambda col: model(col[:, None], cache)[:, -1])
-    watch = eos is not None and stop_at_eos
+    watch = bool(stops) and stop_at_eos
     t1d = time.perf_counter()
     for step in range(max_new_tokens):
         out.append(nxt)
         if watch:
-            finished |= nxt == eos
+            finished |= _is_stop(nxt, stop_t)
             # Reading the flag waits for the GPU; every EOS_CHECK_EVERY steps the host instead
             # queues steps ahead of the GPU (the output is cut at the first all-finished step below).
             if (step + 1) % EOS_CHECK_EVERY == 0 and bool(finished.all()):
@@ -197,12 +203,13 @@ def generate(model: Model, tok, prompt_ids, max_new_tokens: int, temperature: fl
 
     new = torch.stack(out, 1).cpu() if out else torch.zeros(B, 0, dtype=torch.long)
     if watch and new.shape[1]:
-        done = (new == eos).cummax(1).values.all(0)  # [steps]: every row has produced EOS by then
+        hit = _is_stop(new, stop_t.cpu())
+        done = hit.cummax(1).values.all(0)  # [steps]: every row has produced EOS by then
         if bool(done.any()):
             new = new[:, : int(done.int().argmax()) + 1]
     rows = [r.tolist() for r in new]
     return GenerationResult(
         ids=ids[0].cpu().tolist() + rows[0], new_ids=rows[0], prefill_s=t1 - t0, decode_s=t2 - t1d,
-        prompt_tokens=T, new_tokens=new.shape[1], stopped_at_eos=watch and bool((new == eos).any(1).all()), rows=rows,
+        prompt_tokens=T, new_tokens=new.shape[1], stopped_at_eos=watch and bool(_is_stop(new, stop_t.cpu()).any(1).all()), rows=rows,
         graph_s=graph_s, cuda_graph=dec is not None, decode_steps=max(len(out) - 1, 0),
     )
