@@ -96,6 +96,19 @@ def test_bad_input_in_a_step_prints_its_fix_and_logs_the_traceback(tmp_path, fak
     assert len(step_logs) == 1 and "Traceback" in step_logs[0].read_text()
 
 
+def test_device_cuda_without_a_gpu_fails_cleanly(tmp_path, fake_model, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    recipe = write_recipe(tmp_path, fake_model)
+    code, out, err = run_cli(["build", f"recipe={recipe}", "device=cuda"], capsys)
+    assert code == 1 and "device=cuda: torch" in out and "Use device=auto or device=cpu" in out
+    assert "Traceback" not in out + err
+    # nothing was started in the cache: no step folder, no temporary output
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "refs"]
+
+
 def test_gc_dry_run_and_bad_flag(tmp_path, capsys):
     cache = tmp_path / "cache"
     (cache / "measure" / ".tmp-abc-1-x").mkdir(parents=True)

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from exl2build.dag.cache import Cache, tool_versions
 from exl2build.dag.step import StepContext
-from exl2build.errors import Exl2BuildError
+from exl2build.errors import ConfigError, Exl2BuildError
 
 
 @dataclass
@@ -55,6 +55,11 @@ def resolve_device(spec: str):
 
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        # Checked where the step runs (a Ray worker may have the GPU its head lacks).
+        why = "torch here is a CPU build" if torch.version.cuda is None else "torch finds no CUDA GPU here"
+        raise ConfigError(f"device={spec}: {why} (torch {torch.__version__} on {os.uname().nodename}). "
+                          "Use device=auto or device=cpu, or run the build where a GPU is.")
     return torch.device(spec)
 
 
@@ -111,6 +116,10 @@ def execute(job: Job, progress: Optional[Callable[[int, int, str], None]] = None
             shown(done, total, what)
             to_log(done, total, what)
 
+    try:  # before anything is written: a machine without the device fails the step cleanly
+        device = resolve_device(job.device)
+    except ConfigError as exc:
+        return JobResult(job.label, job.key, "failed", error=log_failure(log, exc))
     # A second process that needs the same key waits here, then finds it published.
     with cache.lock(job.name, job.key):
         if cache.is_published(job.name, job.key):
@@ -125,7 +134,7 @@ def execute(job: Job, progress: Optional[Callable[[int, int, str], None]] = None
             work=work,
             progress=progress,
             log=log,
-            device=resolve_device(job.device),
+            device=device,
             files=dict(job.files),
         )
         log.info("run %s key=%s params=%s", job.label, job.key[:12], job.params)
