@@ -179,29 +179,18 @@ def generate_once(model_dir, prompt: str, max_new_tokens: int = 256, temperature
 
 
 def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, bool]:
-    """(prompt text, whether to prepend the BOS id) from the tokenizer's chat template.
+    """(prompt text, whether to prepend the BOS id) from the tokenizer's chat template, rendered as
+    transformers does (data/chat_template.py); without a template, a plain "Role: text" transcript."""
+    from exl2build.data.chat_template import render
 
-    The template is rendered with jinja2 in a sandbox, as transformers does; without a
-    template (or without jinja2) a plain "Role: text" transcript is used.
-    """
     template = getattr(tok, "chat_template", None)
-    bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
-    eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        template = None
     if not template:
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
         return text + ("Assistant:" if add_generation_prompt else ""), tok.adds_bos
-
-    def raise_exception(msg):
-        raise InputError(f"{tok.path}: the chat template refused the conversation: {msg}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    text = env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=bos, eos_token=eos)
+    bos = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
+    eos = tok.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
+    text = render(template, messages, str(tok.path), add_generation_prompt=add_generation_prompt,
+                  bos_token=bos, eos_token=eos)
     # A sentencepiece encoder reads "<s>" as text, not as the BOS id: strip it and add the id instead.
     if bos and text.startswith(bos) and getattr(tok, "backend", "") == "sentencepiece":
         return text[len(bos):], True
