@@ -77,6 +77,12 @@ def test_generate_prints_text_and_speed(tiny_llama):
     r = generate_once(tiny_llama, "I have a dream", max_new_tokens=5, temperature=0.0, echo=out.append)
     assert out[0].startswith("I have a dream") and "tok/s" in out[1]
     assert 1 <= r.new_tokens <= 5
+    assert r.ids[0] == 1 and r.prompt_tokens == 1 + len("I have a dream".split())  # Llama's tokenizer adds BOS
+    (tiny_llama / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    r = generate_once(tiny_llama, "I have a dream", max_new_tokens=2, temperature=0.0, echo=out.append)
+    assert r.ids[0] != 1  # this one does not
+    r = generate_once(tiny_llama, "", max_new_tokens=2, temperature=0.0, echo=out.append)
+    assert r.ids[:1] == [1] and r.prompt_tokens == 1  # an empty prompt starts from BOS
     with pytest.raises(ConfigError, match="max_new_tokens"):
         run_generate(tiny_llama, "x", max_new_tokens=0)
     with pytest.raises(InputError, match="no such folder"):

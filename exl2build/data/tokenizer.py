@@ -93,9 +93,8 @@ class Tokenizer:
         for v in (gcfg.get("eos_token_id"), mcfg.get("eos_token_id")):
             ids += [int(x) for x in (v if isinstance(v, list) else [v]) if x is not None]
         s = _token_str(tcfg.get("eos_token"))
-        if s is not None and self.token_to_id(s) is not None:
-            ids.append(self.token_to_id(s))
-        return list(dict.fromkeys(ids))
+        i = self.token_to_id(s) if s is not None else None
+        return list(dict.fromkeys(ids + ([i] if i is not None else [])))
 
     def _adds_bos(self, tcfg: dict) -> bool:
         """As transformers encodes a prompt: tokenizer_config.json's add_bos_token where set, else what

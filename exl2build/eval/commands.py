@@ -168,9 +168,10 @@ def generate_once(model_dir, prompt: str, max_new_tokens: int = 256, temperature
     if int(max_new_tokens) < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens}: must be at least 1.")
     model, tok = _load(model_dir, device)
-    ids = tok.encode(str(prompt), bos=tok.adds_bos)
+    # BOS where the model's tokenizer adds one, and to start an empty prompt from.
+    ids = tok.encode(str(prompt), bos=tok.adds_bos or (not str(prompt) and tok.bos_id is not None))
     if not ids:
-        raise ConfigError("prompt is empty and the tokenizer does not start a text with BOS. Pass prompt=\"...\".")
+        raise ConfigError("prompt is empty and the tokenizer has no BOS token to start from. Pass prompt=\"...\".")
     r = generate(model, tok, ids, int(max_new_tokens), float(temperature), float(top_p), int(seed))
     echo(str(prompt) + tok.decode([i for i in r.new_ids if i not in tok.stop_ids]))
     echo(f"\n[{r.prompt_tokens} prompt tokens at {r.prefill_tps:,.0f} tok/s; {r.new_tokens} new tokens, "

@@ -185,13 +185,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------- attention masks
 
 
-def causal_mask(past: int, T: int, device, window: int | None = None) -> torch.Tensor:
-    """bool [T, past + T]: query i, at absolute position past + i, sees the keys j <= past + i and,
-    with a sliding window, only the last `window` of them (j > past + i - window, as transformers)."""
-    qi = torch.arange(T, device=device)[:, None] + past
-    kj = torch.arange(past + T, device=device)[None, :]
+def visible(kj: torch.Tensor, qi: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Whether the query at position qi sees the key at position kj: kj <= qi and, with a sliding
+    window, only the last `window` of those (kj > qi - window, as transformers)."""
     allowed = kj <= qi
     return allowed & (kj > qi - window) if window is not None else allowed
+
+
+def causal_mask(past: int, T: int, device, window: int | None = None) -> torch.Tensor:
+    """bool [T, past + T]: for query i at absolute position past + i."""
+    qi = torch.arange(T, device=device)[:, None] + past
+    return visible(torch.arange(past + T, device=device)[None, :], qi, window)
 
 
 def causal_attention(q, k, v, window: int | None = None) -> torch.Tensor:
@@ -226,9 +230,7 @@ class KVCache:
     def static_mask(self, window: int | None = None) -> torch.Tensor:
         if self._arange is None or self._arange.device != self.pos_t.device:
             self._arange = torch.arange(self.max_len, device=self.pos_t.device)
-        kj, qi = self._arange[None, :], self.pos_t[:, None]
-        allowed = kj <= qi
-        return allowed & (kj > qi - window) if window is not None else allowed
+        return visible(self._arange[None, :], self.pos_t[:, None], window)
 
     def step_mask(self, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
         """The additive attention mask of this static step, made by the first layer that needs it
