@@ -27,8 +27,9 @@ USAGE = """usage: exl2build COMMAND [recipe=NAME|PATH] [key=value ...]
   gc | clean [cache_dir=.exl2cache] [--dry-run] [--all]
                                       remove cache entries no build output references
   eval     model=DIR [eval overrides]           evaluate any model folder
-  generate model=DIR prompt="..." [max_new_tokens=256]
-  chat     model=DIR
+  generate model=DIR prompt="..." [max_new_tokens=256] [temperature= top_p= top_k= seed=]
+  chat     model=DIR [system="..."] [temperature= top_p= top_k=]
+                                      sampling not given: the model's generation_config.json
 
 Overrides use Hydra's grammar: quant.bpws=[2.5,3.0] quant.head_bits=8 source.path=/m
 calib.path=cal.parquet out_dir=builds/x cache_dir=/cache runner=ray eval=off ...
@@ -279,7 +280,7 @@ def _kv(args: list[str]) -> tuple[dict, list[str]]:
     known, rest = {}, []
     for a in args:
         key = a.split("=", 1)[0]
-        if "=" in a and key in ("model", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "device", "system"):
+        if "=" in a and key in ("model", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "device", "system"):
             known[key] = a.split("=", 1)[1]
         else:
             rest.append(a)
@@ -292,6 +293,7 @@ _GENERATION_NUMBERS = {
     "seed": (int, "an integer", "256"),
     "temperature": (float, "a number", "0.7"),
     "top_p": (float, "a number", "0.7"),
+    "top_k": (int, "an integer", "40"),
 }
 
 
@@ -310,7 +312,7 @@ def _eval_command(command: str, args: list[str]) -> int:
     if command == "eval":
         return int(commands.run_eval(model, rest + [f"{k}={v}" for k, v in known.items()]) or 0)
     if rest:
-        raise ConfigError(f"Config error at `{rest[0]}`: not a setting of `exl2build {command}`. Fix: use prompt=, max_new_tokens=, temperature=, top_p=, seed=, device=.")
+        raise ConfigError(f"Config error at `{rest[0]}`: not a setting of `exl2build {command}`. Fix: use prompt=, max_new_tokens=, temperature=, top_p=, top_k=, seed=, device=.")
     for k, (kind, what, example) in _GENERATION_NUMBERS.items():
         if k in known:
             try:

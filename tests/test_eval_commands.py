@@ -89,6 +89,31 @@ def test_generate_prints_text_and_speed(tiny_llama):
         run_generate(tiny_llama / "nope", "x")
 
 
+def test_sampling_from_generation_config(tmp_path):
+    from exl2build.eval.commands import CHAT_SAMPLING, sampling_for
+
+    assert sampling_for(tmp_path, CHAT_SAMPLING) == (CHAT_SAMPLING, "exl2build's defaults")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.8}))
+    # Its values, transformers' default top_k 50 for what it leaves out.
+    assert sampling_for(tmp_path, CHAT_SAMPLING) == ({"temperature": 0.6, "top_p": 0.8, "top_k": 50}, "generation_config.json")
+    s, src = sampling_for(tmp_path, CHAT_SAMPLING, temperature=1.2, top_k=None)
+    assert s == {"temperature": 1.2, "top_p": 0.8, "top_k": 50} and src == "command line and generation_config.json"
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    assert sampling_for(tmp_path, CHAT_SAMPLING)[0]["temperature"] == 0.0  # greedy, as transformers would
+    (tmp_path / "generation_config.json").write_text("{")
+    with pytest.raises(InputError, match="generation_config.json: cannot be read as JSON"):
+        sampling_for(tmp_path, CHAT_SAMPLING)
+
+
+def test_generate_names_its_sampling(tiny_llama):
+    out = []
+    (tiny_llama / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.5, "top_k": 7}))
+    generate_once(tiny_llama, "Hi", max_new_tokens=2, echo=out.append)
+    assert "temperature 0.5, top_p 1, top_k 7 (generation_config.json)" in out[-1]
+    generate_once(tiny_llama, "Hi", max_new_tokens=2, temperature=0.0, echo=out.append)
+    assert "greedy (command line and generation_config.json)" in out[-1]
+
+
 class _Tok:
     path, backend, bos_id, eos_id, adds_bos = "tok", "sentencepiece", 1, 2, True
 

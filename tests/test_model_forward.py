@@ -196,6 +196,17 @@ def test_sampling_is_seeded(tiny_llama):
     assert a.ids == b.ids and a.ids != c.ids
 
 
+def test_top_k_keeps_the_k_most_likely():
+    from exl2build.model.generate import sample_next
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.5, -1.0]]).repeat(400, 1)
+    g = torch.Generator().manual_seed(0)
+    picked = set(sample_next(logits, 5.0, 1.0, g, top_k=2).tolist())
+    assert picked == {1, 3}  # a hot temperature, but only the two best survive
+    assert set(sample_next(logits, 5.0, 1.0, g).tolist()) == {0, 1, 2, 3, 4}  # top_k 0: off
+    assert torch.equal(sample_next(logits, 1.0, 1.0, g, top_k=1), logits.argmax(-1))
+
+
 def test_streaming_pieces_rebuild_the_model(tiny_llama):
     model, cfg = load_model(tiny_llama)
     store = WeightStore(tiny_llama)

@@ -8,6 +8,7 @@ through `echo` (print by default) so tests can capture it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -96,19 +97,59 @@ def run_eval(model_dir, overrides=None, *, echo: Callable[[str], None] = print) 
     return 0
 
 
-def run_generate(model_dir, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.95,
-                 seed: int = 0, device=None, *, echo: Callable[[str], None] = print) -> int:
+def run_generate(model_dir, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
+                 top_p: float | None = None, seed: int = 0, device=None, top_k: int | None = None, *,
+                 echo: Callable[[str], None] = print) -> int:
     """`exl2build generate model=DIR prompt=...`: see generate_once. Returns the exit code."""
-    generate_once(model_dir, prompt, max_new_tokens, temperature, top_p, seed, device, echo=echo)
+    generate_once(model_dir, prompt, max_new_tokens, temperature, top_p, seed, device, top_k=top_k, echo=echo)
     return 0
 
 
-def run_chat(model_dir, max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
-             system: str | None = None, device=None, *, input_fn: Callable[[str], str] = input,
-             echo: Callable[[str], None] = print) -> int:
+def run_chat(model_dir, max_new_tokens: int = 512, temperature: float | None = None, top_p: float | None = None,
+             seed: int = 0, system: str | None = None, device=None, top_k: int | None = None, *,
+             input_fn: Callable[[str], str] = input, echo: Callable[[str], None] = print) -> int:
     """`exl2build chat model=DIR`: see chat_session. Returns the exit code."""
-    chat_session(model_dir, max_new_tokens, temperature, top_p, seed, system, device, input_fn=input_fn, echo=echo)
+    chat_session(model_dir, max_new_tokens, temperature, top_p, seed, system, device, top_k=top_k,
+                 input_fn=input_fn, echo=echo)
     return 0
+
+
+# Sampling where neither the command line nor the model's generation_config.json sets it.
+GENERATE_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 0}
+CHAT_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 0}
+# transformers' GenerationConfig defaults, for what a sampling generation_config.json leaves out.
+_HF_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+
+
+def sampling_for(model_dir, fallback: dict, **given) -> tuple[dict, str]:
+    """({temperature, top_p, top_k}, where they came from): each value given on the command line
+    (not None), else as the model's generation_config.json sets it (do_sample true: its values,
+    transformers' defaults for the rest; do_sample false: greedy), else `fallback`."""
+    gcfg = {}
+    f = Path(model_dir) / "generation_config.json"
+    if f.is_file():
+        try:
+            gcfg = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{f}: cannot be read as JSON ({e}). Fix or remove the file.") from None
+    if gcfg.get("do_sample") is True:
+        base, source = {k: gcfg.get(k) if gcfg.get(k) is not None else v for k, v in _HF_SAMPLING.items()}, f.name
+    elif gcfg.get("do_sample") is False:
+        base, source = {**fallback, "temperature": 0.0}, f"{f.name} (greedy)"
+    else:
+        base, source = dict(fallback), "exl2build's defaults"
+    chosen = {k: given[k] if given.get(k) is not None else base[k] for k in fallback}
+    if any(given.get(k) is not None for k in fallback):
+        source = "command line" + (f" and {source}" if any(given.get(k) is None for k in fallback) else "")
+    return {"temperature": float(chosen["temperature"]), "top_p": float(chosen["top_p"]),
+            "top_k": int(chosen["top_k"])}, source
+
+
+def describe_sampling(s: dict, source: str) -> str:
+    if s["temperature"] <= 0:
+        return f"greedy ({source})"
+    k = f", top_k {s['top_k']}" if s["top_k"] > 0 else ""
+    return f"temperature {s['temperature']:g}, top_p {s['top_p']:g}{k} ({source})"
 
 
 def eval_dir(model_dir, overrides=None, *, echo: Callable[[str], None] = print) -> dict:
@@ -160,22 +201,27 @@ def _load(model_dir, device):
     return model, tok
 
 
-def generate_once(model_dir, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.95,
-                  seed: int = 0, device=None, *, echo: Callable[[str], None] = print):
-    """Print the prompt's continuation and its speed; returns the GenerationResult."""
+def generate_once(model_dir, prompt: str, max_new_tokens: int = 256, temperature: float | None = None,
+                  top_p: float | None = None, seed: int = 0, device=None, *, top_k: int | None = None,
+                  echo: Callable[[str], None] = print):
+    """Print the prompt's continuation and its speed; returns the GenerationResult. Sampling
+    settings left as None come from the model (sampling_for)."""
     from exl2build.model.generate import generate
 
     if int(max_new_tokens) < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens}: must be at least 1.")
     model, tok = _load(model_dir, device)
+    sampling, source = sampling_for(tok.path, GENERATE_SAMPLING, temperature=temperature, top_p=top_p, top_k=top_k)
     # BOS where the model's tokenizer adds one, and to start an empty prompt from.
     ids = tok.encode(str(prompt), bos=tok.adds_bos or (not str(prompt) and tok.bos_id is not None))
     if not ids:
         raise ConfigError("prompt is empty and the tokenizer has no BOS token to start from. Pass prompt=\"...\".")
-    r = generate(model, tok, ids, int(max_new_tokens), float(temperature), float(top_p), int(seed))
+    r = generate(model, tok, ids, int(max_new_tokens), sampling["temperature"], sampling["top_p"], int(seed),
+                 top_k=sampling["top_k"])
     echo(str(prompt) + tok.decode([i for i in r.new_ids if i not in tok.stop_ids]))
     echo(f"\n[{r.prompt_tokens} prompt tokens at {r.prefill_tps:,.0f} tok/s; {r.new_tokens} new tokens, "
-         f"decode {r.decode_tps:,.1f} tok/s{'; stopped at EOS' if r.stopped_at_eos else ''}; {model.device}]")
+         f"decode {r.decode_tps:,.1f} tok/s{'; stopped at EOS' if r.stopped_at_eos else ''}; {model.device}; "
+         f"{describe_sampling(sampling, source)}]")
     return r
 
 
@@ -201,18 +247,20 @@ def render_chat(tok, messages: list[dict], add_generation_prompt: bool = True) -
 CHAT_QUIT = ("/exit", "/quit", "/bye")
 
 
-def chat_session(model_dir, max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
-                 system: str | None = None, device=None, *, input_fn: Callable[[str], str] = input,
-                 echo: Callable[[str], None] = print) -> list[dict]:
+def chat_session(model_dir, max_new_tokens: int = 512, temperature: float | None = None, top_p: float | None = None,
+                 seed: int = 0, system: str | None = None, device=None, *, top_k: int | None = None,
+                 input_fn: Callable[[str], str] = input, echo: Callable[[str], None] = print) -> list[dict]:
     """Interactive chat: /reset clears the conversation, /exit or /quit (or end of input) quits; another
-    one-word /command is refused, not sent to the model. Returns the messages."""
+    one-word /command is refused, not sent to the model. Sampling left as None comes from the
+    model (sampling_for). Returns the messages."""
     from exl2build.model.generate import generate
 
     model, tok = _load(model_dir, device)
+    sampling, source = sampling_for(tok.path, CHAT_SAMPLING, temperature=temperature, top_p=top_p, top_k=top_k)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    echo(f"chat with {model_dir} ({'chat template' if tok.chat_template else 'plain transcript, no chat template'}); "
-         "/reset clears, /exit quits")
+    echo(f"chat with {model_dir} ({'chat template' if tok.chat_template else 'plain transcript, no chat template'}; "
+         f"{describe_sampling(sampling, source)}); /reset clears, /exit quits")
     while True:
         try:
             line = input_fn("> ")
@@ -232,7 +280,8 @@ def chat_session(model_dir, max_new_tokens: int = 512, temperature: float = 0.7,
         messages.append({"role": "user", "content": line})
         text, bos = render_chat(tok, messages)
         ids = tok.encode(text, bos=bos)
-        r = generate(model, tok, ids, int(max_new_tokens), float(temperature), float(top_p), int(seed) + len(messages))
+        r = generate(model, tok, ids, int(max_new_tokens), sampling["temperature"], sampling["top_p"],
+                     int(seed) + len(messages), top_k=sampling["top_k"])
         reply = tok.decode([i for i in r.new_ids if i not in tok.stop_ids])
         if not tok.chat_template:
             reply = reply.split("\nUser:")[0]  # the plain transcript has no stop token of its own

@@ -42,11 +42,17 @@ class GenerationResult:
 EOS_CHECK_EVERY = 16
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. temperature <= 0 is greedy."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None,
+                top_k: int = 0) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature <= 0 is greedy; then, as transformers orders
+    them, top_k (0: off) keeps the k most likely tokens and top_p the smallest nucleus."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.float() / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sp, si = probs.sort(-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
@@ -147,7 +153,7 @@ def _is_stop(t: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model: Model, tok, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-             cuda_graph: bool | None = None) -> GenerationResult:
+             cuda_graph: bool | None = None, top_k: int = 0) -> GenerationResult:
     """Generate after `prompt_ids` (list of ints, or LongTensor [T] / [B, T] of equal-length rows).
 
     Sampling draws from a CPU generator seeded with `seed`, so results are deterministic.
@@ -179,7 +185,7 @@ def generate(model: Model, tok, prompt_ids, max_new_tokens: int, temperature: fl
     _sync(device)
     t0 = time.perf_counter()
     logits = model(ids, cache)[:, -1]
-    nxt = sample_next(logits, temperature, top_p, gen) if max_new_tokens else None
+    nxt = sample_next(logits, temperature, top_p, gen, top_k) if max_new_tokens else None
     _sync(device)
     t1 = time.perf_counter()
     if cuda_graph and dec is None:
@@ -197,7 +203,7 @@ def generate(model: Model, tok, prompt_ids, max_new_tokens: int, temperature: fl
                 break
         if step + 1 == max_new_tokens:
             break
-        nxt = sample_next(decode(nxt), temperature, top_p, gen)
+        nxt = sample_next(decode(nxt), temperature, top_p, gen, top_k)
     _sync(device)
     t2 = time.perf_counter()
 
