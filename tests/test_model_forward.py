@@ -260,8 +260,25 @@ def test_rope_scaling_variants(tiny_llama):
     r = RotaryEmbedding(cfg)
     assert r.attention_factor > 1 and torch.isclose(r.inv_freq[-1], base[-1] / 4)
     cfg.rope_scaling = {"rope_type": "dynamic", "factor": 2.0}
-    with pytest.raises(InputError, match="dynamic"):
+    r = RotaryEmbedding(cfg)  # within max_position_embeddings: the default frequencies
+    assert torch.equal(r.inv_freq, base) and r.limit == cfg.max_position_embeddings
+    r.cos_sin(0, cfg.max_position_embeddings, torch.float32)
+    with pytest.raises(InputError, match="dynamic.*past max_position_embeddings"):
+        r.cos_sin(cfg.max_position_embeddings, 1, torch.float32)
+    cfg.rope_scaling = {"rope_type": "longrope", "factor": 2.0}
+    with pytest.raises(InputError, match="longrope"):
         RotaryEmbedding(cfg)
+
+
+def test_dynamic_rope_matches_transformers_within_max_positions(tiny_llama):
+    c = json.loads((tiny_llama / "config.json").read_text())
+    c.update(max_position_embeddings=48, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    (tiny_llama / "config.json").write_text(json.dumps(c))
+    model, _ = load_model(tiny_llama)
+    ids = _ids(T=48)
+    torch.testing.assert_close(model(ids), _hf_logits(tiny_llama, "LlamaForCausalLM", ids), atol=1e-4, rtol=1e-4)
+    with pytest.raises(InputError, match="max_position_embeddings=48"):
+        model(_ids(T=49))
 
 
 def test_missing_config_is_input_error(tmp_path):

@@ -72,6 +72,10 @@ def _rope_inv_freq(cfg: ModelConfig, dim: int, base: float) -> tuple[torch.Tenso
     kind = rs.get("rope_type", rs.get("type", "default")) if rs else "default"
     if kind in (None, "default"):
         return inv, 1.0
+    if kind == "dynamic":
+        # Dynamic NTK changes the base only past max_position_embeddings (RotaryEmbedding.limit
+        # refuses those positions); up to it transformers computes exactly the default frequencies.
+        return inv, 1.0
     factor = float(rs.get("factor", 1.0))
     if kind == "linear":
         return inv / factor, 1.0
@@ -107,8 +111,8 @@ def _rope_inv_freq(cfg: ModelConfig, dim: int, base: float) -> tuple[torch.Tenso
         extrap = 1 - ramp  # 1 keeps the original (extrapolated) frequency
         return (inv / factor) * (1 - extrap) + inv * extrap, float(attn)
     raise InputError(
-        f"config.json: rope_scaling type {kind!r} is not supported. Supported: linear, llama3, yarn "
-        "(or none). Remove rope_scaling or use a model with a supported scaling."
+        f"config.json: rope_scaling type {kind!r} is not supported. Supported: linear, llama3, yarn, "
+        "dynamic (within max_position_embeddings), or none. Remove rope_scaling or use a model with a supported scaling."
     )
 
 
@@ -127,6 +131,9 @@ class RotaryEmbedding(nn.Module):
         base = cfg.rope_theta * (alpha ** (dim / (dim - 2)) if alpha != 1.0 else 1.0)
         inv, self.attention_factor = _rope_inv_freq(cfg, dim, base)
         self.register_buffer("inv_freq", (inv / scale).to(device), persistent=False)
+        rs = cfg.rope_scaling or {}
+        dynamic = rs.get("rope_type", rs.get("type")) == "dynamic"
+        self.limit = cfg.max_position_embeddings if dynamic else None  # positions it may serve
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None  # first half negated
         self._by_dtype: dict = {}
@@ -163,6 +170,12 @@ class RotaryEmbedding(nn.Module):
         return cos.index_select(0, pos), sin.index_select(0, pos)
 
     def ensure(self, n: int) -> None:
+        if self.limit is not None and n > self.limit:
+            raise InputError(
+                f"config.json: rope_scaling 'dynamic' changes RoPE past max_position_embeddings={self.limit}, and "
+                f"{n} positions were asked for. exl2build runs dynamic RoPE only within it: lower eval.ctx, the "
+                "calibration length or max_new_tokens to at most that."
+            )
         if self._cos is None or self._cos.shape[0] < n or self._cos.device != self.inv_freq.device:
             self._grow(n)
 
