@@ -232,11 +232,7 @@ def _validate_qtensor(qt) -> torch.device:
     _check("q_scale_max", qt.q_scale_max, torch.float16, shape=(G,), device=dev)
     _check("q_groups", qt.q_groups, torch.int16, shape=(2 * G,), device=dev)
     _check("q_invperm", qt.q_invperm, torch.int32, shape=(qt.K,), device=dev)
-    if qt.K and (int(qt.q_invperm.min()) < 0 or int(qt.q_invperm.max()) >= qt.K):
-        raise ValueError(f"q_invperm: values must lie in [0, {qt.K})")
-    groups = qt.group_rows()  # raises when q_groups do not cover K rows inside q_weight
-    if any(b not in BIT_WIDTHS for b, _, _ in groups):
-        raise ValueError(f"q_groups: bit widths {[b for b, _, _ in groups]} outside {BIT_WIDTHS}")
+    qt.validate()  # the format's value checks: bit widths, groups covering K rows, q_invperm a permutation
     return dev
 
 

@@ -382,6 +382,15 @@ def test_bad_qtensor_raises_value_error():
     qt.q_invperm = qt.q_invperm[:63].contiguous()
     with pytest.raises(ValueError, match="q_invperm"):
         kernels.dequant(qt)
+    # Values a corrupt file could hold: each fails before any kernel reads with it.
+    qt = mixed_qtensor(64, 32, [(4, 32), (2, 32)], seed=4)
+    qt.q_invperm[3] = qt.q_invperm[4]
+    with pytest.raises(ValueError, match="q_invperm: not a permutation"):
+        kernels.exl2_matmul(torch.zeros(1, 64), qt)
+    qt = mixed_qtensor(64, 32, [(4, 32), (2, 32)], seed=4)
+    qt.q_groups[0] = 0
+    with pytest.raises(ValueError, match=r"q_groups: bit widths \[0, 2\]"):
+        kernels.dequant(qt)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for the mismatch")

@@ -135,7 +135,8 @@ class QTensor:
         return qt
 
     def validate(self, prefix: str = "") -> None:
-        """Raise ValueError naming the tensor when a dtype or shape breaks the format."""
+        """Raise ValueError naming the tensor when a dtype, shape or value breaks the format."""
+        prefix = f"{prefix}." if prefix else ""
         G = self.num_groups
         n_pad = pad_columns(self.N)
         expect = {
@@ -146,21 +147,21 @@ class QTensor:
             "q_invperm": (torch.int32, (self.K,)),
         }
         if self.q_weight.dim() != 2 or self.q_weight.shape[1] != n_pad:
-            raise ValueError(f"{prefix}.q_weight: expected [*, {n_pad}] for N={self.N}, got {tuple(self.q_weight.shape)}")
+            raise ValueError(f"{prefix}q_weight: expected [*, {n_pad}] for N={self.N}, got {tuple(self.q_weight.shape)}")
         for name, (dtype, shape) in expect.items():
             t = getattr(self, name)
             if t.dtype != dtype or (shape is not None and tuple(t.shape) != shape):
                 raise ValueError(
-                    f"{prefix}.{name}: expected {dtype} {shape or '[*, N_pad]'}, got {t.dtype} {tuple(t.shape)}"
+                    f"{prefix}{name}: expected {dtype} {shape or '[*, N_pad]'}, got {t.dtype} {tuple(t.shape)}"
                 )
         if self.bias is not None and (self.bias.dtype != torch.float16 or tuple(self.bias.shape) != (self.N,)):
-            raise ValueError(f"{prefix}.bias: expected float16 ({self.N},), got {self.bias.dtype} {tuple(self.bias.shape)}")
+            raise ValueError(f"{prefix}bias: expected float16 ({self.N},), got {self.bias.dtype} {tuple(self.bias.shape)}")
         bits = self.q_groups[0::2].tolist()
         if any(b not in BIT_WIDTHS for b in bits):
-            raise ValueError(f"{prefix}.q_groups: bit widths {bits} outside {BIT_WIDTHS}")
+            raise ValueError(f"{prefix}q_groups: bit widths {bits} outside {BIT_WIDTHS}")
         self.group_rows()
         if not torch.equal(torch.sort(self.q_invperm.long()).values, torch.arange(self.K, device=self.q_invperm.device)):
-            raise ValueError(f"{prefix}.q_invperm: not a permutation of 0..{self.K - 1}")
+            raise ValueError(f"{prefix}q_invperm: not a permutation of 0..{self.K - 1}")
 
 
 def build_qtensor(groups, invperm: torch.Tensor, N: int, bias: torch.Tensor | None = None) -> QTensor:
