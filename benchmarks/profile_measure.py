@@ -1,6 +1,6 @@
 """Where measurement spends its time: a SmolLM2-135M-shaped model with random weights.
 
-    python benchmarks/profile_measure.py [--layers 4] [--rows 16] [--length 2048] [--device cuda]
+    python benchmarks/profile_measure.py [--layers 4] [--rows 16] [--length 2048] [--device cuda] [--scale-steps 25]
 
 Builds the model folder in a temp dir (no download), runs quant.measure.measure_model on the
 first layers under cProfile and prints the hottest functions and the time per layer.
@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--scale-steps", type=int, default=None, help="quant.scale_steps: factors in the scale search (default 121; the demo: 25)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "model").mkdir()
@@ -44,7 +45,8 @@ def main() -> int:
         prof = cProfile.Profile()
         t0 = time.time()
         prof.enable()
-        measure_model(root, tokens, {}, Path(d) / "work", None, device=a.device)
+        measure_model(root, tokens, {"scale_search": {"p_steps": a.scale_steps}} if a.scale_steps else {}, Path(d) / "work", None,
+                      device=a.device)
         if a.device == "cuda":
             torch.cuda.synchronize()
         prof.disable()

@@ -44,6 +44,9 @@ BLOCKS = {
 def quant_params(params: dict | None) -> dict:
     """Normalised quantizer parameters (defaults filled in), JSON-able."""
     p = dict(params or {})
+    known = ("damp", "scale_search", "batch_rows", "rope_scale", "rope_alpha")
+    if set(p) - set(known):  # a misspelt key would otherwise quietly run the defaults
+        raise ValueError(f"quantizer parameters {sorted(set(p) - set(known))} unknown; known: {', '.join(known)}")
     out = {
         "damp": float(p.get("damp", DEFAULT_DAMP)),
         "scale_search": as_scale_search(p.get("scale_search"))._asdict(),
