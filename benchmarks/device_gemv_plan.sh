@@ -3,7 +3,7 @@
 # build with CUDA, every CUDA test, the kernel rows and the (warps, K splits, warps along K) sweep
 # on the shapes the change touches (device_kernels.sh --gemv), then exllamav2 0.3.2 beside us on
 # the same tensors (device_side_by_side.sh prep + kernels), with the decode-sized kernel's own time
-# beside the path exl2_matmul takes. Carry .whl. The 8 files that come back: console.log,
+# beside the path exl2_matmul takes. Carry .whl (benchmarks/fetch_device_wheels.sh fills it). The 8 files that come back: console.log,
 # pytest.log, bench.log, bench.json, prep.log, sbs_console.log, kernels.md, kernels.json.
 # GEMV_ARGS: kernels.py's arguments; SBS_MS: the side by side's token counts.
 set -u

@@ -22,13 +22,9 @@
 # stage plans with: parts that would not fit are skipped (and listed) instead of being killed.
 #
 # Fill the ignored folders here first (the device reaches no network):
-#   P="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $P -d .whl \
-#       fastparquet cramjam websockets hydra-core==1.3.2 omegaconf==2.3.0 gguf==0.19.0
-#   python3 -m pip download --no-deps --no-binary=:all: -d .whl antlr4-python3-runtime==4.9.3   # sdist only
-#   python3 -m pip download --no-deps -d .whl exllamav2==0.3.2                                 # py3-none-any, JIT ext
-#   (pandas, ninja, pygments, regex, pillow are in the device image; add their py3.12 wheels the same way
-#    if `prep` reports one missing)                                      -> .whl/ is about 6.2 MB
+#   bash benchmarks/fetch_device_wheels.sh        # -> .whl/ (about 6 MB; exllamav2 0.3.2, hydra, gguf, ...)
+#   (pandas, ninja, pygments, regex, pillow are in the device image; add their py3.12 wheels to that
+#    script if `prep` reports one missing)
 #   split -b 48M SmolLM2-135M-Instruct.Q4_1.gguf .assets/smol.gguf.part-   # ../shared/tools/get-smollm2 DIR
 #   cp ../shared/data/wikitext-2/valid.txt ../shared/data/wikitext-2-raw/wiki.test.raw .assets/
 #   python benchmarks/sbs_llama2_tokenizer.py                               # -> .assets/llama2-tokenizer.json
