@@ -24,7 +24,7 @@ def read_json(path: Path) -> dict:
 
 
 def _first_id(v: Any) -> int | None:
-    # eos_token_id may be a list (Llama-3); the first entry is the canonical one.
+    # A special-token id may be given as a list; the first entry is the canonical one.
     if isinstance(v, list):
         return int(v[0]) if v else None
     return None if v is None else int(v)
@@ -79,8 +79,6 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
     quantization_config: dict | None = None
     # Per layer: the sliding attention window (a query sees itself and the window - 1 tokens
     # before it) or None for full causal attention; empty where no layer has a window.
@@ -119,8 +117,6 @@ class ModelConfig:
         heads = int(need("num_attention_heads"))
         head_dim = c.get("head_dim") or hidden // heads
         rope_theta, rope_scaling = rope_keys(c)
-        eos = c.get("eos_token_id")
-        eos_ids = [int(x) for x in eos] if isinstance(eos, list) else ([] if eos is None else [int(eos)])
         cfg = cls(
             arch=spec.name,
             hidden_size=hidden,
@@ -136,8 +132,6 @@ class ModelConfig:
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
             bos_token_id=_first_id(c.get("bos_token_id")),
-            eos_token_id=_first_id(eos),
-            eos_token_ids=eos_ids,
             quantization_config=c.get("quantization_config"),
             sliding_windows=_sliding_windows(spec.sliding_window, c, int(need("num_hidden_layers")), source),
             path=path,
