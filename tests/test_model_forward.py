@@ -60,6 +60,8 @@ SLIDING = [
     ("MistralForCausalLM", dict(sliding_window=6), [6, 6]),
     # Qwen2: a window only with use_sliding_window, from layer max_window_layers on.
     ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1), [None, 6]),
+    ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=6,
+                              layer_types=["sliding_attention", "full_attention"]), [6, None]),
     ("Qwen2ForCausalLM", dict(use_sliding_window=False, sliding_window=6), []),
 ]
 
