@@ -65,11 +65,17 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- rotary embeddings
 
 
+def _rope_kind(cfg: ModelConfig) -> str | None:
+    """The config's RoPE scaling type ("default" without rope_scaling)."""
+    rs = cfg.rope_scaling or {}
+    return rs.get("rope_type", rs.get("type", "default")) if rs else "default"
+
+
 def _rope_inv_freq(cfg: ModelConfig, dim: int, base: float) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and the attention factor for cfg.rope_scaling (None/linear/llama3/yarn)."""
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     rs = cfg.rope_scaling or {}
-    kind = rs.get("rope_type", rs.get("type", "default")) if rs else "default"
+    kind = _rope_kind(cfg)
     if kind in (None, "default"):
         return inv, 1.0
     if kind == "dynamic":
@@ -131,9 +137,7 @@ class RotaryEmbedding(nn.Module):
         base = cfg.rope_theta * (alpha ** (dim / (dim - 2)) if alpha != 1.0 else 1.0)
         inv, self.attention_factor = _rope_inv_freq(cfg, dim, base)
         self.register_buffer("inv_freq", (inv / scale).to(device), persistent=False)
-        rs = cfg.rope_scaling or {}
-        dynamic = rs.get("rope_type", rs.get("type")) == "dynamic"
-        self.limit = cfg.max_position_embeddings if dynamic else None  # positions it may serve
+        self.limit = cfg.max_position_embeddings if _rope_kind(cfg) == "dynamic" else None  # positions it may serve
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None  # first half negated
         self._by_dtype: dict = {}
