@@ -12,7 +12,8 @@ from pathlib import Path
 from exl2build.errors import InputError
 
 
-def _load_json(path: Path) -> dict:
+def read_optional_json(path: Path) -> dict:
+    """A model folder's optional JSON file ({} where it is absent or not an object)."""
     if not path.is_file():
         return {}
     try:
@@ -67,9 +68,9 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
-        tcfg = _load_json(path / "tokenizer_config.json")
-        mcfg = _load_json(path / "config.json")
-        gcfg = _load_json(path / "generation_config.json")
+        tcfg = read_optional_json(path / "tokenizer_config.json")
+        mcfg = read_optional_json(path / "config.json")
+        gcfg = read_optional_json(path / "generation_config.json")
         if (path / "tokenizer.json").is_file():
             backend, impl = "tokenizers", cls._open_tokenizers(path / "tokenizer.json")
         elif (path / "tokenizer.model").is_file():

@@ -8,7 +8,6 @@ through `echo` (print by default) so tests can capture it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -125,13 +124,10 @@ def sampling_for(model_dir, fallback: dict, **given) -> tuple[dict, str]:
     """({temperature, top_p, top_k}, where they came from): each value given on the command line
     (not None), else as the model's generation_config.json sets it (do_sample true: its values,
     transformers' defaults for the rest; do_sample false: greedy), else `fallback`."""
-    gcfg = {}
+    from exl2build.data.tokenizer import read_optional_json
+
     f = Path(model_dir) / "generation_config.json"
-    if f.is_file():
-        try:
-            gcfg = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise InputError(f"{f}: cannot be read as JSON ({e}). Fix or remove the file.") from None
+    gcfg = read_optional_json(f)
     if gcfg.get("do_sample") is True:
         base, source = {k: gcfg.get(k) if gcfg.get(k) is not None else v for k, v in _HF_SAMPLING.items()}, f.name
     elif gcfg.get("do_sample") is False:
